@@ -1,0 +1,3 @@
+from prompttune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Shared data plumbing: image reading with clear errors, transforms, the DataModule base."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+
+class DataError(ValueError):
+    """A dataset in the wrong layout, a missing or corrupt file: raised before compute."""
+
+
+class CorruptImageError(DataError):
+    pass
+
+
+def read_image(path: str | Path) -> "Image.Image":
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(f"corrupt or truncated image {path}: {err}") from None
+
+
+class ImageTransform:
+    """Resize (shorter side, bicubic) + centre crop + normalise, as CLIP and timm evaluate.
+
+    With ``train_augment`` a random-resized crop and horizontal flip are used instead.
+    Pure PIL + numpy so that it needs no torchvision ops.
+    """
+
+    def __init__(self, size: int, mean, std, augment: bool = False, seed: int = 0):
+        self.size, self.augment = int(size), augment
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, img) -> torch.Tensor:
+        from PIL import Image
+
+        s = self.size
+        if self.augment:
+            w, h = img.size
+            scale = self.rng.uniform(0.6, 1.0)
+            cw, ch = max(1, int(w * scale ** 0.5)), max(1, int(h * scale ** 0.5))
+            x0, y0 = self.rng.integers(0, w - cw + 1), self.rng.integers(0, h - ch + 1)
+            img = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((s, s), Image.BICUBIC)
+            if self.rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            w, h = img.size
+            if (w, h) != (s, s):
+                r = s / min(w, h)
+                img = img.resize((max(s, round(w * r)), max(s, round(h * r))), Image.BICUBIC)
+                w, h = img.size
+                x0, y0 = (w - s) // 2, (h - s) // 2
+                img = img.crop((x0, y0, x0 + s, y0 + s))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (x - self.mean) / self.std
+
+
+class ListDataset(Dataset):
+    """Items are dicts with at least ``path``; yields ``{"image", "index", ...}``.
+
+    ``on_corrupt``: "error" (default) raises naming the file; "skip" warns once per file
+    and substitutes the next readable item, so a run never trains on a silent hole.
+    """
+
+    def __init__(self, items: list[dict[str, Any]], transform: Callable, on_corrupt: str = "error",
+                 keys: tuple[str, ...] = ("label",)):
+        if on_corrupt not in ("error", "skip"):
+            raise DataError(f"data.on_corrupt must be 'error' or 'skip', not {on_corrupt!r}")
+        self.items, self.transform, self.on_corrupt, self.keys = items, transform, on_corrupt, keys
+        self._warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        for k in range(len(self.items)):
+            j = (i + k) % len(self.items)
+            try:
+                img = read_image(self.items[j]["path"])
+            except CorruptImageError as err:
+                if self.on_corrupt == "error":
+                    raise
+                if j not in self._warned:
+                    self._warned.add(j)
+                    warnings.warn(f"skipping {err}", stacklevel=2)
+                continue
+            out = {"image": self.transform(img), "index": torch.tensor(j)}
+            for key in self.keys:
+                if key in self.items[j]:
+                    out[key] = torch.tensor(self.items[j][key])
+            return out
+        raise DataError("every image in the dataset is unreadable")
+
+
+class EpochSeededSampler(RandomSampler):
+    """A random permutation that depends only on (seed, epoch).
+
+    Lightning calls ``set_epoch`` on samplers that have it, so a run resumed at epoch k
+    from a checkpoint shuffles epoch k exactly as the uninterrupted run did. (It is a
+    ``RandomSampler``, so under DDP Lightning swaps in a shuffling DistributedSampler.)
+    """
+
+    def __init__(self, data_source, seed: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+
+
+def check_folder(root: str | Path, what: str, expected: str) -> Path:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{what} folder not found: {root} (expected {expected})")
+    if not any(root.iterdir()):
+        raise DataError(f"{what} folder is empty: {root} (expected {expected})")
+    return root
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Base DataModule: workers, deterministic seeding, transforms from the backbone.
+
+    Subclasses implement :meth:`check` (validate layout before compute, raising
+    :class:`DataError`), :meth:`build` (create datasets) and :meth:`info` (what tasks and
+    methods need to know: class names, captions, ...).
+    """
+
+    def __init__(self, batch_size: int = 32, eval_batch_size: int = 256, num_workers: int = 0,
+                 seed: int = 0, augment: bool = False, on_corrupt: str = "error", **kwargs: Any):
+        super().__init__()
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.num_workers, self.seed, self.augment, self.on_corrupt = int(num_workers), int(seed), augment, on_corrupt
+        self.extra = kwargs
+        self.image_size, self.mean, self.std = 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        self.datasets: dict[str, Dataset] = {}
+
+    def configure_for(self, backbone: Any) -> None:
+        self.image_size = getattr(backbone, "image_size", self.image_size)
+        self.mean = getattr(backbone, "mean", self.mean)
+        self.std = getattr(backbone, "std", self.std)
+
+    def transform(self, split: str) -> ImageTransform:
+        return ImageTransform(self.image_size, self.mean, self.std,
+                              augment=self.augment and split == "train", seed=self.seed)
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.datasets:
+            self.build()
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.datasets:
+            self.build()
+        if split not in self.datasets:
+            raise DataError(f"this dataset has no {split!r} split; it has: {', '.join(self.datasets)}")
+        ds = self.datasets[split]
+        return DataLoader(
+            ds, batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            sampler=EpochSeededSampler(ds, self.seed) if shuffle else None, num_workers=self.num_workers, drop_last=False,
+            persistent_workers=self.num_workers > 0, worker_init_fn=_seed_worker,
+            collate_fn=getattr(self.datasets[split], "collate", None),
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

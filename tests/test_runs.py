@@ -1,0 +1,83 @@
+"""End to end: every registered method's smoke run, sweeps, reports, and run records."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prompttune.config import compose
+from prompttune.registry import METHODS
+from prompttune.runs import fit
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "experiments/smoke.yaml"
+REQUIRED = {"status", "method", "backbone", "data", "seed", "metrics", "trainable_params", "total_params",
+            "train_time_s", "samples_per_s", "peak_mem_mb"}
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_smoke_every_registered_method(method, tmp_path):
+    cfg = compose(SMOKE, [f"method={method}", f"run_dir={tmp_path / method}"])
+    result = fit(cfg)
+    assert REQUIRED <= set(result), REQUIRED - set(result)
+    on_disk = json.loads((tmp_path / method / "result.json").read_text())
+    assert on_disk["status"] == "completed" and on_disk["method"] == method
+    assert on_disk["metrics"] and all(k.startswith("test/") for k in on_disk["metrics"])
+    assert (tmp_path / method / "config.yaml").is_file()
+    assert (tmp_path / method / "logs" / "metrics.csv").is_file()
+
+
+def test_checkpoint_is_kilobytes_and_resumable_state(tmp_path):
+    import torch
+
+    cfg = compose(SMOKE, ["method=coop", f"run_dir={tmp_path}"])
+    res = fit(cfg)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.stat().st_size < 64 * 1024, ckpt.stat().st_size
+    state = torch.load(ckpt, weights_only=True)
+    assert list(state["state_dict"]) == ["method.prompt_learner.ctx"]
+    assert res["trainable_params"] == 4 * 128  # "a photo of a" -> 4 context vectors of width 128
+    # a completed run is not redone
+    again = fit(cfg)
+    assert again["finished_at"] == res["finished_at"]
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    import torch
+
+    from prompttune.tasks.classification import ClassificationTask
+
+    calls = []
+    real = ClassificationTask.loss
+
+    def flaky(self, outputs, batch):  # the third training step's loss is NaN
+        calls.append(1)
+        loss = real(self, outputs, batch)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(ClassificationTask, "loss", flaky)
+    cfg = compose(SMOKE, ["method=linear_probe", "method.optim.epochs=3", f"run_dir={tmp_path}"])
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at epoch 1, step 2, batch 0"):
+        fit(cfg)
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_evaluate_loads_the_trainable_checkpoint(tmp_path):
+    from prompttune.runs import evaluate
+
+    cfg = compose(SMOKE, ["method=linear_probe", f"run_dir={tmp_path}"])
+    res = fit(cfg)
+    again = evaluate(cfg)
+    assert abs(again["test/acc"] - res["metrics"]["test/acc"]) < 1e-6
+
+
+def test_cli_errors_are_clear_and_before_compute(cli, tmp_path):
+    out = cli("fit", SMOKE, "method=nope", f"run_dir={tmp_path / 'a'}")
+    assert out.returncode == 2 and "unknown method 'nope'" in out.stderr and "valid choices" in out.stderr
+    assert not (tmp_path / "a").exists()
+    out = cli("fit", SMOKE, "method=coop", "method.n_ctxx=2", f"run_dir={tmp_path / 'b'}")
+    assert out.returncode == 2 and "unknown key 'method.n_ctxx'" in out.stderr
+    out = cli("fit", SMOKE, "method=coop", f"data.root={tmp_path / 'missing'}", "data.synthetic=null",
+              f"run_dir={tmp_path / 'c'}")
+    assert out.returncode == 2 and "dataset folder not found" in out.stderr
+    assert not (tmp_path / "c").exists()
