@@ -91,7 +91,9 @@ class PromptTuningModule(L.LightningModule):
 
     @property
     def total_params(self) -> int:
-        return count_params(self.backbone) + count_params(self.method)
+        # a parameter shared by both (peft adapters injected into the backbone) counts once
+        seen = {id(p): p for m in (self.backbone, self.method) for p in m.parameters()}
+        return sum(p.numel() for p in seen.values())
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -176,6 +178,19 @@ class PromptTuningModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self._epoch_samples += self._batch_size(batch)
         self._steps += 1
+        if self.device.type != "cuda" and self._steps % 10 == 1:  # sampled: reading /proc costs ~10 us
+            self._peak_mem = max(getattr(self, "_peak_mem", 0.0), peak_memory_mb(self.device))
+
+    def on_test_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.device.type != "cuda":
+            self._peak_mem = max(getattr(self, "_peak_mem", 0.0), peak_memory_mb(self.device))
+
+    @property
+    def peak_mem_mb(self) -> float:
+        """Peak memory of this run: CUDA's allocator peak, or the max RSS sampled during the run."""
+        if self.device.type == "cuda":
+            return peak_memory_mb(self.device)
+        return max(getattr(self, "_peak_mem", 0.0), peak_memory_mb(self.device))
 
     def on_train_epoch_end(self):
         if self.device.type == "cuda":
@@ -189,7 +204,7 @@ class PromptTuningModule(L.LightningModule):
             samples_per_s=world * self._train_samples / max(self._train_time, 1e-9),
             step_time_s=self._train_time / max(self._steps, 1),
             epoch_time_s=dt,
-            peak_mem_mb=peak_memory_mb(self.device),
+            peak_mem_mb=self.peak_mem_mb,
         )
         self.log_dict({"perf/samples_per_s": self.stats["samples_per_s"],
                        "perf/step_time_s": self.stats["step_time_s"],

@@ -136,6 +136,16 @@ def csv_text(keys: list[str], metrics: list[str], rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def series_label(row: dict, keys: list[str]) -> str:
+    """'coop, lr=0.5': the method's name bare, other keys as short=value; keys a row lacks are skipped."""
+    parts = []
+    for k in keys:
+        if row.get(k) is None:
+            continue
+        parts.append(str(row[k]) if k == "method" else f"{k.split('.')[-1]}={row[k]}")
+    return ", ".join(parts)
+
+
 def plot(path: Path, keys: list[str], metric: str, rows: list[dict], x: str | None) -> bool:
     import matplotlib
 
@@ -151,7 +161,7 @@ def plot(path: Path, keys: list[str], metric: str, rows: list[dict], x: str | No
         others = [k for k in keys if k != x]
         series: dict[str, list] = {}
         for r in rows:
-            label = ", ".join(f"{r[k]}" for k in others) or metric
+            label = series_label(r, others) or metric
             series.setdefault(label, []).append(r)
         for label, rs in series.items():
             rs.sort(key=lambda r: r[x])
@@ -162,7 +172,7 @@ def plot(path: Path, keys: list[str], metric: str, rows: list[dict], x: str | No
             ax.set_xscale("log", base=2)
         ax.legend(fontsize=8)
     else:
-        labels = [", ".join(str(r.get(k)) for k in keys) for r in rows]
+        labels = [series_label(r, keys) for r in rows]
         ax.bar(range(len(rows)), [scale * r[metric][0] for r in rows], yerr=[scale * r[metric][1] for r in rows],
                capsize=3, color="tab:blue")
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)

@@ -95,7 +95,10 @@ def check_compatible(cfg: DictConfig, method_cls, backbone) -> None:
 def build(cfg: DictConfig):
     """Backbone, datamodule, method (set up) and task, validated in that order."""
     import lightning as L
+    import torch
 
+    if cfg.trainer.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.trainer.cpu_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     method_cls = METHODS.get(cfg.method.name)
     backbone = build_backbone(cfg)
@@ -118,6 +121,7 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     t = to_container(cfg.trainer)
+    t.pop("cpu_threads", None)
     precision = t.pop("precision")
     accel = t.get("accelerator", "cpu")
     on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
@@ -257,7 +261,7 @@ def fit(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
         "train_time_s": round(stats.get("train_time_s", 0.0), 3),
         "samples_per_s": round(stats.get("samples_per_s", 0.0), 2),
         "step_time_s": round(stats.get("step_time_s", 0.0), 5),
-        "peak_mem_mb": round(stats.get("peak_mem_mb", _peak(module)), 1),
+        "peak_mem_mb": round(module.peak_mem_mb, 1),
         "epochs": epochs if trains else 0,
         "wall_time_s": round(time.perf_counter() - t_start, 2),
         "tags": to_container(cfg.tags) if cfg.get("tags") else {},
@@ -297,12 +301,6 @@ def evaluate(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, float]
     trainer = make_trainer(cfg, Path(cfg.get("run_dir") or "runs/_eval"), 0, loggers=[])
     tested = trainer.test(module, datamodule=dm, verbose=False)
     return {k: float(v) for k, v in (tested[0] if tested else {}).items()}
-
-
-def _peak(module) -> float:
-    from prompttune.utils import peak_memory_mb
-
-    return peak_memory_mb(module.device)
 
 
 def quiet_lightning() -> None:

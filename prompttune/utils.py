@@ -51,12 +51,23 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def current_rss_mb() -> float:
+    """This process's resident set size now (Linux /proc; elsewhere the lifetime peak)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
 def peak_memory_mb(device: torch.device | None = None) -> float:
-    """Peak accelerator memory if on CUDA, else the process's peak resident set size."""
+    """Peak accelerator memory on CUDA (reset per run); on CPU the current RSS (callers keep the max
+    of samples taken during a run, since the process-lifetime peak would carry over between the
+    runs of an in-process sweep)."""
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+    return current_rss_mb()
 
 
 def count_params(module: torch.nn.Module, trainable: bool | None = None) -> int:

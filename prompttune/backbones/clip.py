@@ -35,6 +35,7 @@ class CLIPBackbone(FrozenBackbone):
             ctx = self.model.context_length
             self._tokenizer = open_clip.SimpleTokenizer(context_length=ctx)
         else:
+            register_tiny_config()
             if checkpoint:
                 self.model = open_clip.create_model(model, pretrained=None)
                 state = torch_load_trusted(checkpoint)
@@ -103,6 +104,24 @@ TINY_CLIP = dict(
     vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0),
     text_cfg=dict(context_length=24, vocab_size=49408, width=128, heads=4, layers=3),
 )
+
+
+TINY_NAME = "prompttune-clip-tiny"
+
+
+def register_tiny_config() -> None:
+    """Make the zoo architecture an open_clip model name, so a tiny checkpoint saved in open_clip's
+    format loads exactly as a real one does (``model: prompttune-clip-tiny, checkpoint: file``)."""
+    import json
+    import tempfile
+
+    import open_clip
+
+    if TINY_NAME in open_clip.list_models():
+        return
+    folder = Path(tempfile.mkdtemp(prefix="prompttune-openclip-cfg-"))
+    (folder / f"{TINY_NAME}.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder)
 
 
 def make_tiny_clip() -> nn.Module:

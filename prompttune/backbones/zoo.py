@@ -75,16 +75,15 @@ def build(name: str, force: bool = False) -> Path:
     with _lock(entry.folder.parent / ".lock"):
         if entry.built() and not force:
             return entry.weights
-        from safetensors.torch import save_file
+        from safetensors.torch import save_model
 
         torch.manual_seed(0)
         model = entry.make_model()
         t0 = time.perf_counter()
         summary = entry.pretrain(model, entry.folder)
         entry.folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         tmp = entry.weights.with_suffix(".tmp")
-        save_file(state, str(tmp))
+        save_model(model.cpu(), str(tmp))  # handles tied weights (e.g. an LM's embeddings and head)
         tmp.replace(entry.weights)
         atomic_write_json(entry.meta, {"name": name, "version": entry.version, "backbone": entry.backbone,
                                        "build_time_s": round(time.perf_counter() - t0, 1), **summary})
@@ -105,9 +104,9 @@ def load_model(name: str, weights: str = "pretrained") -> nn.Module:
         return model
     if weights != "pretrained":
         raise ValueError(f"zoo weights must be 'pretrained' or 'random', not {weights!r}")
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
-    missing, unexpected = model.load_state_dict(load_file(str(ensure(name))), strict=False)
+    missing, unexpected = load_model(model, str(ensure(name)), strict=False)  # re-ties shared weights
     if missing or unexpected:
         raise RuntimeError(f"zoo entry {name!r}: weights do not match its architecture "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); rebuild with "
