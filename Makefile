@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/prompttune demo
 
 bench: $(STAMP)
-	$(BIN)/prompttune bench all --json runs/bench.json
+	$(BIN)/prompttune bench all bench.threads=1 data.batch_size=32 --steps 20 --json runs/bench.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -651,8 +651,16 @@ def bench_method(method_name: str, overrides: list[str] | None = None, steps: in
     plain_task = copy.deepcopy(task)
     plain = PlainLoop(backbone, plain_method.to(device), plain_task.to(device), cfg.method.optim, n,
                       device, precision, cache=module.cache_features)
-    flops = count_step_flops(plain, batches[0]) if stage == "train" else 0.0  # before compiling
-    fwd_flops = count_forward_flops(plain, batches[0]) if stage == "train" else 0.0
+    flops = fwd_flops = 0.0
+    if stage == "train":  # before compiling, on throw-away copies (methods may count their steps)
+        try:
+            counting = PlainLoop(backbone, copy.deepcopy(method), copy.deepcopy(task), cfg.method.optim, n,
+                                 device, precision, cache=False)
+        except Exception as err:  # an un-copyable method: no FLOP figures rather than a skewed timing
+            log.warning("%s: no FLOP count (%s)", method_name, err)
+        else:
+            flops, fwd_flops = count_step_flops(counting, batches[0]), count_forward_flops(counting, batches[0])
+            del counting
     if o["compile"]:
         method.compile()
         if plain_method is not method:
@@ -751,20 +759,22 @@ def _memory_rows(method_name: str, overrides: list[str], o: dict[str, Any], devi
         prompt = measure_memory(method_name, overrides, full_ft=False, experiment=o.get("experiment"))
         full = measure_memory(method_name, overrides, full_ft=True, experiment=o.get("experiment"))
     else:  # peak RSS is process-wide and never falls: one fresh process each
-        prompt = _memory_subprocess(method_name, overrides, False, o.get("experiment"))
-        full = _memory_subprocess(method_name, overrides, True, o.get("experiment"))
+        prompt = _memory_subprocess(method_name, overrides, False, o.get("experiment"), int(o.get("threads") or 0))
+        full = _memory_subprocess(method_name, overrides, True, o.get("experiment"), int(o.get("threads") or 0))
     return {"peak_mem_mb": prompt.get("peak_mem_mb"), "train_mem_mb": prompt.get("train_mem_mb"),
             "full_ft_peak_mem_mb": full.get("peak_mem_mb"), "full_ft_train_mem_mb": full.get("train_mem_mb"),
             "full_ft_trainable_params": full.get("trainable_params"),
             **({"full_ft_note": full["note"]} if full.get("note") else {})}
 
 
-def _memory_subprocess(method_name: str, overrides: list[str], full_ft: bool, experiment) -> dict[str, Any]:
+def _memory_subprocess(method_name: str, overrides: list[str], full_ft: bool, experiment,
+                       threads: int = 0) -> dict[str, Any]:
     payload = json.dumps({"method": method_name, "overrides": list(overrides), "full_ft": full_ft,
-                          "experiment": experiment})
-    code = ("import json,sys; from prompttune import _tvshim; _tvshim.install(); "
+                          "experiment": experiment, "threads": threads})
+    code = ("import json,sys,torch; from prompttune import _tvshim; _tvshim.install(); "
+            "a=json.loads(sys.argv[1]); a['threads'] and torch.set_num_threads(a['threads']); "
             "from prompttune.runs import quiet_lightning; quiet_lightning(); "
-            "from prompttune.bench import measure_memory; a=json.loads(sys.argv[1]); "
+            "from prompttune.bench import measure_memory; "
             "print('BENCH_MEMORY ' + json.dumps(measure_memory(a['method'], a['overrides'], a['full_ft'], "
             "experiment=a['experiment'])))")
     proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, timeout=900)

@@ -206,9 +206,9 @@ def run_transfer(spec_path: str | Path, out_dir: str | Path | None = None) -> di
             for src in spec["sources"]:
                 for seed in spec["seeds"]:
                     rec_file = out / "records" / f"{d}__{m}__{src}__s{seed}.json"
-                    if rec_file.is_file():
-                        rec = json.loads(rec_file.read_text())
-                    else:
+                    rec = json.loads(rec_file.read_text()) if rec_file.is_file() else None
+                    if rec is None or any(t not in rec.get("acc", {}) for t in spec["targets"]):
+                        # new, or made before a target was added to the spec: (re)train and score
                         rec = _train_and_evaluate(configs[(d, m, src, seed)], backbone(src), spec, test_x, test_y,
                                                   classnames, scorer, runs, L)
                         save_prompt(rec.pop("_perturbation"), out / "prompts" / d / m / f"{src}-s{seed}.pth")

@@ -81,3 +81,27 @@ def test_cli_errors_are_clear_and_before_compute(cli, tmp_path):
               f"run_dir={tmp_path / 'c'}")
     assert out.returncode == 2 and "dataset folder not found" in out.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_feature_cache_changes_nothing_but_decoding(tmp_path, monkeypatch):
+    """Cached and uncached runs train to the same weights; the cached one decodes each training
+    image once (epoch 1), then trains on cached features without reading pixels."""
+    import torch
+
+    import prompttune.data.base as base
+
+    reads = []
+    real = base.read_image
+    monkeypatch.setattr(base, "read_image", lambda p: (reads.append(p), real(p))[1])
+    common = ["method=linear_probe", "data.shots=2", "method.optim.epochs=3", "trainer.limit_train_batches=null",
+              "trainer.limit_test_batches=1", "data.eval_batch_size=8"]
+    fit(compose(SMOKE, [*common, f"run_dir={tmp_path / 'cached'}"]))
+    cached_reads = len(reads)
+    fit(compose(SMOKE, [*common, "method.cache_features=false", f"run_dir={tmp_path / 'plain'}"]))
+    plain_reads = len(reads) - cached_reads
+    train = 16 * 2
+    assert cached_reads == train + 8 and plain_reads == 3 * train + 8
+    a = torch.load(tmp_path / "cached/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "plain/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])

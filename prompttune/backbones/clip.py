@@ -153,7 +153,7 @@ def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 1
     steps = epochs * math.ceil(len(rows) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
-    bar = tqdm(total=steps, desc="zoo clip-tiny: contrastive pretraining", unit="step")
+    bar = tqdm(total=steps, desc=f"zoo {Path(folder).parent.name}: contrastive pretraining", unit="step")
     loss_v = float("nan")
     for _ in range(epochs):
         perm = torch.randperm(len(rows), generator=g)

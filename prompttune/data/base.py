@@ -84,11 +84,18 @@ class ListDataset(Dataset):
             raise DataError(f"data.on_corrupt must be 'error' or 'skip', not {on_corrupt!r}")
         self.items, self.transform, self.on_corrupt, self.keys = items, transform, on_corrupt, keys
         self._warned: set[int] = set()
+        # False once the module has every row's frozen features cached: rows then carry no pixels
+        self.load_images = True
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _fields(self, j: int) -> dict[str, Any]:
+        return {key: torch.tensor(self.items[j][key]) for key in self.keys if key in self.items[j]}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if not self.load_images:
+            return {"index": torch.tensor(i), **self._fields(i)}
         for k in range(len(self.items)):
             j = (i + k) % len(self.items)
             try:
@@ -100,11 +107,7 @@ class ListDataset(Dataset):
                     self._warned.add(j)
                     warnings.warn(f"skipping {err}", stacklevel=2)
                 continue
-            out = {"image": self.transform(img), "index": torch.tensor(j)}
-            for key in self.keys:
-                if key in self.items[j]:
-                    out[key] = torch.tensor(self.items[j][key])
-            return out
+            return {"image": self.transform(img), "index": torch.tensor(j), **self._fields(j)}
         raise DataError("every image in the dataset is unreadable")
 
 

@@ -39,9 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-
-from prompttune.data.base import CorruptImageError, DataError, PromptDataModule, check_folder, read_image
+from prompttune.data.base import DataError, ListDataset, PromptDataModule, check_folder
 from prompttune.data.image_folder import ensure_synthetic, fewshot_rows
 from prompttune.registry import DATASETS, SYNTHETIC
 from prompttune.utils import atomic_write_json
@@ -151,7 +149,7 @@ def swapped_class(negative: str, positive: str, classnames: list[str]) -> int:
     return best
 
 
-class FDRDDataset(Dataset):
+class FDRDDataset(ListDataset):
     """Yields ``{image, index, label, caption_id, caption, negatives, neg_labels}``.
 
     ``caption_id``: identical positive captions share an id (in the synthetic world, and in
@@ -159,40 +157,21 @@ class FDRDDataset(Dataset):
     """
 
     def __init__(self, items: list[dict[str, Any]], transform, on_corrupt: str = "error"):
-        if on_corrupt not in ("error", "skip"):
-            raise DataError(f"data.on_corrupt must be 'error' or 'skip', not {on_corrupt!r}")
-        self.items, self.transform, self.on_corrupt = items, transform, on_corrupt
+        super().__init__(items, transform, on_corrupt)
         ids: dict[str, int] = {}
         for it in items:
             it["caption_id"] = ids.setdefault(it["positive"], len(ids))
-        self._warned: set[int] = set()
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        import warnings
-
-        for k in range(len(self.items)):
-            j = (i + k) % len(self.items)
-            it = self.items[j]
-            try:
-                img = read_image(it["path"])
-            except CorruptImageError as err:
-                if self.on_corrupt == "error":
-                    raise
-                if j not in self._warned:
-                    self._warned.add(j)
-                    warnings.warn(f"skipping {err}", stacklevel=2)
-                continue
-            return {"image": self.transform(img), "index": torch.tensor(j), "label": torch.tensor(it["label"]),
-                    "caption_id": torch.tensor(it["caption_id"]), "caption": it["positive"],
-                    "negatives": list(it["negative"]), "neg_labels": torch.tensor(it["neg_labels"], dtype=torch.long)}
-        raise DataError("every image in the dataset is unreadable")
+    def _fields(self, j: int) -> dict[str, Any]:
+        it = self.items[j]
+        return {"label": torch.tensor(it["label"]), "caption_id": torch.tensor(it["caption_id"]),
+                "caption": it["positive"], "negatives": list(it["negative"]),
+                "neg_labels": torch.tensor(it["neg_labels"], dtype=torch.long)}
 
     @staticmethod
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {k: torch.stack([r[k] for r in rows]) for k in ("image", "index", "label", "caption_id")}
+        out: dict[str, Any] = {k: torch.stack([r[k] for r in rows])
+                               for k in ("image", "index", "label", "caption_id") if k in rows[0]}
         out["caption"] = [r["caption"] for r in rows]
         n = {len(r["negatives"]) for r in rows}
         if len(n) > 1:

@@ -17,7 +17,7 @@
   mapping ``relpath -> label`` (images under ``image_dir``).
 * ``list`` -- SPT's lists: ``train_list`` / ``test_list`` text files of ``relpath label``.
 
-The ``.mat`` layouts need scipy (``pip install scipy``), imported only for them.
+The ``.mat`` layouts need scipy (``pip install "prompttune[fgvc]"`` or ``pip install scipy``), imported only for them.
 
 Transforms (SPT's FGVC protocol): train ``RandomResizedCrop(size)`` + horizontal flip when
 ``augment`` is on; evaluation (and training without augmentation) ``Resize(size·256/224)``
