@@ -317,7 +317,9 @@ def verdict(summary: dict, d: str) -> str:
     if not v or v["n"] == 0:
         return f"{d}: no vp/tvp pair to compare."
     tv, vp = summary[d]["tvp"]["transfer"], summary[d]["vp"]["transfer"]
-    word = "better" if v["mean"] > 0 else "worse" if v["mean"] < 0 else "no differently"
+    # a difference inside the seed-to-seed spread (or below the 0.1-point display precision) is no difference
+    clear = abs(v["mean"]) >= max(v["std"], 0.0005)
+    word = "no differently" if not clear else "better" if v["mean"] > 0 else "worse"
     sure = ("in every seed" if v["wins"] == v["n"] else "in no seed" if v["wins"] == 0
             else f"in {v['wins']} of {v['n']} seeds")
     return (f"**{d}: TVP transfers {word} than VP**: mean off-diagonal gain over the unprompted targets "

@@ -190,6 +190,10 @@ def test_summary_and_verdict_from_hand_made_rows():
     assert d["per_seed"] == pytest.approx([0.04, 0.08]) and d["wins"] == 2
     text = verdict(sm, "d")
     assert "TVP transfers better than VP" in text and "+6.0 ± 2.8" in text and "every seed" in text
+    d.update(mean=0.0001, std=0.0, wins=1)  # ahead in a seed, but by nothing visible
+    assert "TVP transfers no differently than VP" in verdict(sm, "d")
+    d.update(mean=-0.01, std=0.03)  # behind on average, within the spread
+    assert "no differently" in verdict(sm, "d")
 
 
 @pytest.mark.parametrize("over,msg", [
