@@ -304,7 +304,7 @@ def evaluate(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, float]
 
 
 def quiet_lightning() -> None:
-    import lightning  # noqa: F401 - it sets its loggers' levels on import; override after
+    import lightning  # noqa: F401  (it sets its loggers' levels on import; override after)
 
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")

@@ -2,7 +2,6 @@
 non-zero exit, and nothing written (no result.json, no run directory where the check comes first)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -81,7 +81,7 @@ def test_every_shipped_config_composes():
 
 
 def test_every_experiment_file_composes():
-    from prompttune.sweep import load_sweep, plan
+    from prompttune.sweep import plan
 
     for exp in sorted((REPO / "experiments").glob("*.yaml")):
         if "transfer" in load_yaml(exp):  # a TVP transfer spec, validated in tests/test_transfer.py

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from prompttune.data.base import DataError
-from prompttune.data.fgvc import FGVCDataModule, FGVCTransform, write_cub
+from prompttune.data.base import ImageTransform
+from prompttune.data.fgvc import FGVCDataModule, write_cub
 from prompttune.data.vtab import VTABDataModule, write_vtab
 
 
@@ -86,10 +87,10 @@ def test_fgvc_errors_name_the_problem(tmp_path):
 
 def test_fgvc_transforms():
     img = Image.fromarray(np.arange(16 * 32 * 3, dtype=np.uint8).reshape(16, 32, 3) % 251)
-    ev = FGVCTransform(8, (0, 0, 0), (1, 1, 1), train=False, resize_ratio=2.0)  # Resize(16) + CenterCrop(8)
+    ev = ImageTransform(8, (0, 0, 0), (1, 1, 1), augment=False, resize_ratio=2.0)  # Resize(16) + CenterCrop(8)
     want = np.asarray(img.resize((32, 16), Image.BICUBIC).crop((12, 4, 20, 12)), dtype=np.float32) / 255
     torch.testing.assert_close(ev(img), torch.from_numpy(want).permute(2, 0, 1))
-    tr = FGVCTransform(8, (0, 0, 0), (1, 1, 1), train=True, seed=0)
+    tr = ImageTransform(8, (0, 0, 0), (1, 1, 1), augment=True, seed=0)
     outs = [tr(img) for _ in range(4)]
     assert outs[0].shape == (3, 8, 8) and not all(torch.equal(outs[0], o) for o in outs[1:])
 

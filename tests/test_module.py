@@ -1,5 +1,4 @@
 import torch
-from torch import nn
 
 from prompttune.methods.base import Method
 from prompttune.methods.linear_probe import LinearProbe

@@ -43,8 +43,6 @@ def test_checkpoint_is_kilobytes_and_resumable_state(tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
-    import torch
-
     from prompttune.tasks.classification import ClassificationTask
 
     calls = []

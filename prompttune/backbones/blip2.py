@@ -401,10 +401,6 @@ def pretrain_blip2(unit: Blip2WithQFormerText, folder: Path, n: int = 1500, step
     (lr 3e-3 collapses the Q-Former's cross-attention -- outputs stop depending on the
     image -- so 1e-3 with one-cycle.)
     """
-    from tqdm.auto import tqdm
-
-    from prompttune.data.base import ImageTransform, read_image
-
     threads = torch.get_num_threads()
     try:
         # matrices this small gain nothing from intra-op threads, and lose much on a shared CPU

@@ -33,7 +33,6 @@ mae-vqgan-tiny``).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 

@@ -35,12 +35,10 @@ inputs of every block, for prototypes), and ``encode_image`` (pooled features, w
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prompttune.backbones import zoo

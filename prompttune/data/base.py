@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ class CorruptImageError(DataError):
     pass
 
 
-def read_image(path: str | Path) -> "Image.Image":
+def read_image(path: str | Path):
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -35,35 +36,44 @@ def read_image(path: str | Path) -> "Image.Image":
 
 
 class ImageTransform:
-    """Resize (shorter side, bicubic) + centre crop + normalise, as CLIP and timm evaluate.
-
-    With ``train_augment`` a random-resized crop and horizontal flip are used instead.
-    Pure PIL + numpy so that it needs no torchvision ops.
+    """Evaluation: Resize (shorter side to ``resize_ratio * size``, bicubic) + CenterCrop(size), as
+    CLIP (ratio 1) and the FGVC protocols (Resize 256 / CenterCrop 224) evaluate. Training with
+    ``augment``: RandomResizedCrop (scale 0.08-1, aspect 3/4-4/3: torchvision's and CoOp's
+    default) + horizontal flip. Then normalise. Pure PIL + numpy, so it needs no torchvision ops.
     """
 
-    def __init__(self, size: int, mean, std, augment: bool = False, seed: int = 0):
-        self.size, self.augment = int(size), augment
+    def __init__(self, size: int, mean, std, augment: bool = False, seed: int = 0, resize_ratio: float = 1.0):
+        self.size, self.augment, self.ratio = int(size), augment, float(resize_ratio)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.rng = np.random.default_rng(seed)
+
+    def _random_resized_crop(self, img):
+        w, h = img.size
+        for _ in range(10):
+            target = w * h * self.rng.uniform(0.08, 1.0)
+            ar = math.exp(self.rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = int(self.rng.integers(0, w - cw + 1)), int(self.rng.integers(0, h - ch + 1))
+                return img.crop((x0, y0, x0 + cw, y0 + ch))
+        s = min(w, h)  # fallback: the central square
+        return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
 
     def __call__(self, img) -> torch.Tensor:
         from PIL import Image
 
         s = self.size
         if self.augment:
-            w, h = img.size
-            scale = self.rng.uniform(0.6, 1.0)
-            cw, ch = max(1, int(w * scale ** 0.5)), max(1, int(h * scale ** 0.5))
-            x0, y0 = self.rng.integers(0, w - cw + 1), self.rng.integers(0, h - ch + 1)
-            img = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((s, s), Image.BICUBIC)
+            img = self._random_resized_crop(img).resize((s, s), Image.BICUBIC)
             if self.rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
+            short = max(s, int(round(s * self.ratio)))
             w, h = img.size
-            if (w, h) != (s, s):
-                r = s / min(w, h)
-                img = img.resize((max(s, round(w * r)), max(s, round(h * r))), Image.BICUBIC)
+            if (w, h) != (s, s) or short != s:
+                r = short / min(w, h)
+                img = img.resize((max(short, round(w * r)), max(short, round(h * r))), Image.BICUBIC)
                 w, h = img.size
                 x0, y0 = (w - s) // 2, (h - s) // 2
                 img = img.crop((x0, y0, x0 + s, y0 + s))

@@ -27,62 +27,17 @@ Transforms (SPT's FGVC protocol): train ``RandomResizedCrop(size)`` + horizontal
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from prompttune.data.base import DataError, ListDataset, PromptDataModule, check_folder
+from prompttune.data.base import DataError, ImageTransform, ListDataset, PromptDataModule, check_folder
 from prompttune.registry import DATASETS, SYNTHETIC
 from prompttune.utils import atomic_write_json
 
 LAYOUTS = ("auto", "cub", "flowers", "dogs", "cars", "vpt_json", "list")
-
-
-class FGVCTransform:
-    """RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + flip for training, or Resize(ratio·size) +
-    CenterCrop(size) for evaluation; bicubic; pure PIL + numpy (no torchvision ops)."""
-
-    def __init__(self, size: int, mean, std, train: bool, resize_ratio: float = 256 / 224, seed: int = 0):
-        self.size, self.train, self.ratio = int(size), bool(train), float(resize_ratio)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.rng = np.random.default_rng(seed)
-
-    def _random_resized_crop(self, img):
-        w, h = img.size
-        area = w * h
-        for _ in range(10):
-            target = area * self.rng.uniform(0.08, 1.0)
-            ar = math.exp(self.rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
-            if 0 < cw <= w and 0 < ch <= h:
-                x0, y0 = int(self.rng.integers(0, w - cw + 1)), int(self.rng.integers(0, h - ch + 1))
-                return img.crop((x0, y0, x0 + cw, y0 + ch))
-        s = min(w, h)  # fallback: the central square
-        return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-
-    def __call__(self, img) -> torch.Tensor:
-        from PIL import Image
-
-        s = self.size
-        if self.train:
-            img = self._random_resized_crop(img).resize((s, s), Image.BICUBIC)
-            if self.rng.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        else:
-            short = max(s, int(round(s * self.ratio)))
-            w, h = img.size
-            r = short / min(w, h)
-            img = img.resize((max(short, round(w * r)), max(short, round(h * r))), Image.BICUBIC)
-            w, h = img.size
-            x0, y0 = (w - s) // 2, (h - s) // 2
-            img = img.crop((x0, y0, x0 + s, y0 + s))
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-        return (x - self.mean) / self.std
 
 
 # ------------------------------------------------------------------ layout readers
@@ -307,9 +262,9 @@ class FGVCDataModule(ItemsDataModule):
         self.splits = splits
         self._finish_check(f"FGVC dataset {self.root} ({layout} layout)")
 
-    def make_transform(self, split: str) -> FGVCTransform:
-        return FGVCTransform(self.image_size, self.mean, self.std, train=self.augment and split == "train",
-                             resize_ratio=self.resize_ratio, seed=self.seed)
+    def make_transform(self, split: str) -> ImageTransform:
+        return ImageTransform(self.image_size, self.mean, self.std, augment=self.augment and split == "train",
+                              resize_ratio=self.resize_ratio, seed=self.seed)
 
 
 # ------------------------------------------------------------------ synthetic world, CUB layout

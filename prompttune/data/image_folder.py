@@ -94,7 +94,7 @@ class ImageFolderDataModule(PromptDataModule):
         return self.root / self.split_name
 
     def check(self) -> None:
-        if self.synthetic and not self.split_path.is_file():
+        if self.synthetic:  # cheap when up to date; regenerates data made by an older world version or spec
             ensure_synthetic(self.synthetic, self.root)
         check_folder(self.root, "dataset", f"{self.image_dir}/ and {self.split_name}")
         data = read_split_file(self.split_path)

@@ -19,7 +19,6 @@ import math
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prompttune.backbones.vit import ViTBackbone

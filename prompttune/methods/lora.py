@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from prompttune.backbones.vit import ViTBackbone

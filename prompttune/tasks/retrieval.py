@@ -34,7 +34,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import Metric
 
 from prompttune.registry import TASKS
