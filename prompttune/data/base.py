@@ -179,6 +179,19 @@ class PromptDataModule(L.LightningDataModule):
     def check(self) -> None:
         raise NotImplementedError
 
+    def ensure_synthetic_data(self) -> None:
+        """Write the configured synthetic dataset into ``self.root`` (cheap when it is up to date;
+        regenerated when its generator version or spec changed)."""
+        if getattr(self, "synthetic", None):
+            from prompttune.data.image_folder import ensure_synthetic
+
+            ensure_synthetic(self.synthetic, self.root)
+
+    def prepare_root(self, what: str, expected: str) -> Path:
+        """The synthetic data if configured, then ``self.root`` checked to exist and be non-empty."""
+        self.ensure_synthetic_data()
+        return check_folder(self.root, what, expected)
+
     def build(self) -> None:
         raise NotImplementedError
 

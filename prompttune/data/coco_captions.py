@@ -72,10 +72,7 @@ class InContextDataModule(PromptDataModule):
         self.rows: dict[str, list[dict[str, Any]]] = {}
 
     def ensure(self) -> None:
-        if self.synthetic:
-            from prompttune.data.image_folder import ensure_synthetic
-
-            ensure_synthetic(self.synthetic, self.root)
+        self.ensure_synthetic_data()
         if not self.root.is_dir():
             raise DataError(f"{type(self).__name__}: dataset folder not found: {self.root}")
 

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from prompttune.data.base import DataError, ListDataset, PromptDataModule, check_folder
-from prompttune.data.image_folder import ensure_synthetic, fewshot_rows
+from prompttune.data.base import DataError, ListDataset, PromptDataModule
+from prompttune.data.image_folder import fewshot_rows
 from prompttune.registry import DATASETS, SYNTHETIC
 from prompttune.utils import atomic_write_json
 
@@ -210,9 +210,7 @@ class FDRDDataModule(PromptDataModule):
     def check(self) -> None:
         if not self.files["test"]:
             raise DataError("data.test_file is required: the FDRD test JSON (e.g. FDRD/test/pets_test.json)")
-        if self.synthetic:  # cheap when up to date; regenerates data made by an older world version or spec
-            ensure_synthetic(self.synthetic, self.root)
-        check_folder(self.root, "FDRD dataset", f"{self.image_dir}/ (CoOp layout) and the FDRD JSON files")
+        self.prepare_root("FDRD dataset", f"{self.image_dir}/ (CoOp layout) and the FDRD JSON files")
         locator = ImageLocator(self.root, self.image_dir)
         records = {}
         for split, f in self.files.items():

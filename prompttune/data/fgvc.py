@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from prompttune.data.base import DataError, ImageTransform, ListDataset, PromptDataModule, check_folder
+from prompttune.data.base import DataError, ImageTransform, ListDataset, PromptDataModule
 from prompttune.registry import DATASETS, SYNTHETIC
 from prompttune.utils import atomic_write_json
 
@@ -233,11 +233,7 @@ class FGVCDataModule(ItemsDataModule):
         self.num_classes = 0
 
     def check(self) -> None:
-        if self.synthetic:
-            from prompttune.data.image_folder import ensure_synthetic
-
-            ensure_synthetic(self.synthetic, self.root)
-        check_folder(self.root, "FGVC dataset", "one of the layouts cub, flowers, dogs, cars, vpt_json, list")
+        self.prepare_root("FGVC dataset", "one of the layouts cub, flowers, dogs, cars, vpt_json, list")
         layout = self.layout
         if layout == "list" or (layout == "auto" and self.train_list):
             layout = "list"

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from prompttune.data.base import DataError, ListDataset, PromptDataModule, check_folder
+from prompttune.data.base import DataError, ListDataset, PromptDataModule
 from prompttune.registry import DATASETS, SYNTHETIC
 from prompttune.utils import atomic_write_json
 
@@ -94,9 +94,7 @@ class ImageFolderDataModule(PromptDataModule):
         return self.root / self.split_name
 
     def check(self) -> None:
-        if self.synthetic:  # cheap when up to date; regenerates data made by an older world version or spec
-            ensure_synthetic(self.synthetic, self.root)
-        check_folder(self.root, "dataset", f"{self.image_dir}/ and {self.split_name}")
+        self.prepare_root("dataset", f"{self.image_dir}/ and {self.split_name}")
         data = read_split_file(self.split_path)
         self.classnames = classnames_from_split(data, self.split_path)
         image_root = self.root / self.image_dir

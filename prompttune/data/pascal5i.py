@@ -124,10 +124,7 @@ class EpisodicDataModule(PromptDataModule):
     def check(self) -> None:
         if self.root is None:
             raise DataError(f"data.root is not set for {type(self).__name__}")
-        if self.synthetic:
-            from prompttune.data.image_folder import ensure_synthetic
-
-            ensure_synthetic(self.synthetic, self.root)
+        self.ensure_synthetic_data()
         self._items = self.read_items()
         for split in ("pool", "train", "test"):
             if not self._items.get(split):

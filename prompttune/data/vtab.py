@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from prompttune.data.base import DataError, check_folder
+from prompttune.data.base import DataError
 from prompttune.data.fgvc import ItemsDataModule, read_list_file
 from prompttune.registry import DATASETS, SYNTHETIC
 
@@ -45,11 +45,7 @@ class VTABDataModule(ItemsDataModule):
         self.num_classes = 0
 
     def check(self) -> None:
-        if self.synthetic:
-            from prompttune.data.image_folder import ensure_synthetic
-
-            ensure_synthetic(self.synthetic, self.root)
-        check_folder(self.root, "VTAB-1k task", "images and train800val200.txt / test.txt lists")
+        self.prepare_root("VTAB-1k task", "images and train800val200.txt / test.txt lists")
         train_file, test_file = MODES[self.mode]
         for f in (train_file, test_file):
             if not (self.root / f).is_file():
