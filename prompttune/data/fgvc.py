@@ -190,6 +190,16 @@ class ItemsDataModule(PromptDataModule):
 
     every_class_in_train = True
 
+    def __init__(self, root: str | None, synthetic: dict | None, root_hint: str, **kw: Any):
+        super().__init__(**kw)
+        if root is None:
+            raise DataError(f"data.root must name {root_hint}")
+        self.root = Path(root).expanduser()
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.splits: dict[str, list] = {}
+        self.classnames: list[str] = []
+        self.num_classes = 0
+
     def _finish_check(self, where: str) -> None:
         self.num_classes = check_labels(self.splits, where, self.every_class_in_train)
         names = list(self.splits.pop("classnames", []) or [])  # type: ignore[arg-type]
@@ -220,17 +230,11 @@ class FGVCDataModule(ItemsDataModule):
     def __init__(self, root: str, layout: str = "auto", image_dir: str = "images", train_list: str | None = None,
                  test_list: str | None = None, resize_ratio: float = 256 / 224, synthetic: dict | None = None,
                  **kw: Any):
-        super().__init__(**kw)
+        super().__init__(root, synthetic, "the dataset folder", **kw)
         if layout not in LAYOUTS:
             raise DataError(f"data.layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-        if root is None:
-            raise DataError("data.root must name the dataset folder")
-        self.root, self.layout, self.image_dir = Path(root).expanduser(), layout, image_dir
+        self.layout, self.image_dir = layout, image_dir
         self.train_list, self.test_list, self.resize_ratio = train_list, test_list, float(resize_ratio)
-        self.synthetic = dict(synthetic) if synthetic else None
-        self.splits: dict[str, list] = {}
-        self.classnames: list[str] = []
-        self.num_classes = 0
 
     def check(self) -> None:
         self.prepare_root("FGVC dataset", "one of the layouts cub, flowers, dogs, cars, vpt_json, list")

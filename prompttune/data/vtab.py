@@ -33,16 +33,10 @@ class VTABDataModule(ItemsDataModule):
     every_class_in_train = False
 
     def __init__(self, root: str, mode: str = "final", synthetic: dict | None = None, **kw: Any):
-        super().__init__(**kw)
+        super().__init__(root, synthetic, "a VTAB-1k task folder (holding train800val200.txt and test.txt)", **kw)
         if mode not in MODES:
             raise DataError(f"data.mode must be one of {', '.join(MODES)}, not {mode!r}")
-        if root is None:
-            raise DataError("data.root must name a VTAB-1k task folder (holding train800val200.txt and test.txt)")
-        self.root, self.mode = Path(root).expanduser(), mode
-        self.synthetic = dict(synthetic) if synthetic else None
-        self.splits: dict[str, list] = {}
-        self.classnames: list[str] = []
-        self.num_classes = 0
+        self.mode = mode
 
     def check(self) -> None:
         self.prepare_root("VTAB-1k task", "images and train800val200.txt / test.txt lists")
