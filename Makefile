@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prompttune-installed
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench bench-curves gpu-check clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/install.sh constraints/cpu.txt
@@ -21,6 +21,14 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/prompttune bench all bench.threads=1 data.batch_size=32 --steps 20 --json runs/bench.json
+
+# scaling curves on the CPU, random weights at real sizes, one thread (docs/bench.md; ~15 min)
+bench-curves: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/prompttune bench --sweep retrieval coop_classes mhub_k vpt_prompts vpt_deep_prompts --out docs/bench_curves
+
+# one short check on one GPU (< 8 min); exits 2 when there is none (scripts/gpu_check.sh)
+gpu-check: $(STAMP)
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf runs .pytest_cache

@@ -75,7 +75,7 @@ SMOKE = "experiments/smoke.yaml"
 REQUIRED_KEYS = ("method", "overhead_ratio", "limit_ratio", "samples_per_s", "peak_mem_mb")
 _BENCH_OPTS = {"warmup": 3, "compile": False, "memory": True, "cache_epochs": 3, "peak_tflops": None,
                "experiment": None, "clock": "auto", "threads": 0,
-               "cache_batches": 0}
+               "cache_batches": 0, "symmetric": True}
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of the device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
@@ -99,7 +99,7 @@ def split_options(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
         if not sep or key not in _BENCH_OPTS:
             raise BenchError(f"unknown bench option {item!r}; valid: "
                              + ", ".join(f"bench.{k}=..." for k in _BENCH_OPTS))
-        if key in ("compile", "memory"):
+        if key in ("compile", "memory", "symmetric"):
             if value.lower() not in ("true", "false", "1", "0"):
                 raise BenchError(f"bench.{key} must be true or false, got {value!r}")
             opts[key] = value.lower() in ("true", "1")
@@ -463,7 +463,7 @@ def _Joint(method, backbone):
 
 
 # --------------------------------------------------------------------------- the interleaved timer
-def _make_timer(plain: PlainLoop, device, warmup: int, stage: str):
+def _make_timer(plain: PlainLoop, device, warmup: int, stage: str, symmetric: bool = True):
     import lightning as L
 
     class Interleaved(L.Callback):
@@ -475,6 +475,7 @@ def _make_timer(plain: PlainLoop, device, warmup: int, stage: str):
             self.rows: list[tuple[float, float, float, int]] = []
             self.t_last: float | None = None
             self.n = 0
+            self.symmetric = symmetric
 
         def _start(self, *args):
             if self.t_last is None:
@@ -483,16 +484,22 @@ def _make_timer(plain: PlainLoop, device, warmup: int, stage: str):
         def _end(self, batch, batch_idx):
             t, c = _now(device), time.process_time()
             fw, fw_cpu = t - self.t_last, c - self.c_last
+            # the forward first, then the plain step, then (untimed) the forward again: the framework
+            # step and the plain step each follow a forward-only pass, so both start from the same
+            # cache state (a plain step right after the framework step on the same batch and
+            # weights ran warm: coop's overhead read 1.16 in that order, see docs/bench.md)
             t0, c0 = _now(device), time.process_time()
+            plain.forward_only(batch)
+            t1, c1 = _now(device), time.process_time()
             if stage == "train":
                 plain.step(batch, batch_idx)
             else:
                 plain.eval_step(batch)
-            t1, c1 = _now(device), time.process_time()
-            plain.forward_only(batch)
             t2, c2 = _now(device), time.process_time()
+            if self.symmetric:
+                plain.forward_only(batch)
             if self.n >= warmup:
-                self.rows.append((fw, t1 - t0, t2 - t1, batch_size_of(batch), fw_cpu, c1 - c0, c2 - c1))
+                self.rows.append((fw, t2 - t1, t1 - t0, batch_size_of(batch), fw_cpu, c2 - c1, c1 - c0))
             self.n += 1
             self.t_last, self.c_last = _now(device), time.process_time()
 
@@ -665,7 +672,7 @@ def bench_method(method_name: str, overrides: list[str] | None = None, steps: in
         method.compile()
         if plain_method is not method:
             plain_method.compile()
-    timer = _make_timer(plain, device, warmup, stage)
+    timer = _make_timer(plain, device, warmup, stage, bool(o.get("symmetric", True)))
     ctx = tempfile.TemporaryDirectory(prefix="prompttune-bench-")
     with ctx as tmp, fused_attention(device), warnings.catch_warnings():
         warnings.filterwarnings("ignore")
@@ -738,6 +745,9 @@ def _cache_speedup(cfg, dm, method_name: str, o: dict[str, Any], device) -> dict
 
     backbone, dm2, method, task = build(cfg)
     module = make_module(cfg, backbone, method, task)
+    # the in-memory cache's own effect: epoch 1 computes the features (the on-disk store would
+    # fill them before epoch 1, outside the epoch's time); later epochs run fused on the table
+    module.use_feature_store = False
     if not module.cache_features:
         return {"cache_speedup": None, "cache_note": "feature cache off (augmentation or cache_features=false)"}
     epochs = int(o["cache_epochs"])
@@ -914,3 +924,239 @@ def _write_json(path: str, rows: list[dict[str, Any]], steps: int, opts: dict[st
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(path, [{**row, **meta} for row in rows])  # a JSON list: one object per method
+
+
+# --------------------------------------------------------------------------- scaling curves (`prompttune bench --sweep`)
+def _cpu_time_per_call(fn, steps: int, warmup: int = 1) -> float:
+    """Median process CPU seconds of ``fn()`` over ``steps`` calls after ``warmup`` (1 thread: CPU time is work)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        c0 = time.process_time()
+        fn()
+        times.append(time.process_time() - c0)
+    return statistics.median(times)
+
+
+def curve_coop_classes(classes=(10, 20, 50, 100), batch: int = 32, steps: int = 2,
+                       model: str = "ViT-B-16-quickgelu") -> list[dict[str, Any]]:
+    """CoOp's training step against the number of classes, on CLIP ViT-B/16 (random weights): the
+    image side is cached (random [B, 512] features), the text encoder runs forward and backward
+    over every class's 77-token prompt each step, so time and activation memory grow linearly."""
+    import torch
+    import torch.nn.functional as F
+
+    from prompttune.backbones.clip import CLIPBackbone
+    from prompttune.methods.coop import CoOp, PromptLearner
+
+    backbone = CLIPBackbone(model=model, weights="random")
+    rows = []
+    for n in classes:
+        method = CoOp(n_ctx=16)
+        method.prompt_learner = PromptLearner(backbone, [f"class {i}" for i in range(n)], **method.cfg)
+        opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.002, momentum=0.9)
+        g = torch.Generator().manual_seed(0)
+        batch_ = {"features": torch.randn(batch, backbone.embed_dim, generator=g),
+                  "label": torch.randint(0, n, (batch,), generator=g)}
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(method(backbone, batch_)["logits"], batch_["label"]).backward()
+            opt.step()
+
+        step()
+        with RSSSampler() as mem:
+            t = _cpu_time_per_call(step, steps, warmup=0)
+        rows.append({"curve": "coop_classes", "x": n, "step_ms": round(1e3 * t, 1),
+                     "train_mem_mb": round(mem.peak - mem.base, 1), "batch_size": batch, "model": model})
+        log.info("coop classes=%d: %.0f ms, +%.0f MB", n, 1e3 * t, mem.peak - mem.base)
+    return rows
+
+
+def curve_retrieval(gallery=(1000, 3000, 10000, 30000, 100000), queries: int = 1000, dim: int = 512,
+                    full=(1000, 2000, 5000, 10000, 20000)) -> list[dict[str, Any]]:
+    """Retrieval evaluation (prompttune.tasks.retrieval: chunked scores + best-correct rank) on random
+    L2-normalised features: ``queries`` fixed against a growing gallery (linear in G), and the full
+    symmetric i2t + t2i evaluation of N items against each other (quadratic in N)."""
+    import torch
+    import torch.nn.functional as F
+
+    from prompttune.tasks.retrieval import best_correct_rank_chunked, per_item_recalls
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in gallery:
+        gal = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+        q = F.normalize(torch.randn(queries, dim, generator=g), dim=-1)
+        qk, gk = torch.arange(queries) % n, torch.arange(n)
+        t = _cpu_time_per_call(lambda: best_correct_rank_chunked(q, gal, qk, gk), 1, warmup=0)
+        rows.append({"curve": "retrieval_gallery", "x": n, "eval_ms": round(1e3 * t, 1), "queries": queries, "dim": dim})
+        log.info("retrieval gallery=%d: %.0f ms", n, 1e3 * t)
+    for n in full:
+        img = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+        txt = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+        t = _cpu_time_per_call(lambda: per_item_recalls(img, txt, torch.arange(n)), 1, warmup=0)
+        rows.append({"curve": "retrieval_full", "x": n, "eval_ms": round(1e3 * t, 1), "dim": dim})
+        log.info("retrieval full N=%d: %.0f ms", n, 1e3 * t)
+    return rows
+
+
+def curve_method_steps(method: str, key: str, xs, overrides: list[str], steps: int = 2,
+                       curve: str | None = None) -> list[dict[str, Any]]:
+    """One method's plain-loop training step (forward, task loss, backward, optimiser step: the
+    computation, without the framework) and its forward, against config value ``key`` = x."""
+    import torch
+
+    from prompttune.runs import build, make_module
+
+    rows = []
+    for x in xs:
+        cfg = compose_for(method, [*overrides, f"{key}={x}"])
+        backbone, dm, m, task = build(cfg)
+        module = make_module(cfg, backbone, m, task)
+        dm.setup("fit")
+        batch = take_batches(dm.train_dataloader(), 1)[0]
+        plain = PlainLoop(backbone, m, task, cfg.method.optim, steps + 2, torch.device("cpu"),
+                          cache=module.cache_features)
+        plain.step(batch)
+        with RSSSampler() as mem:
+            t = _cpu_time_per_call(lambda: plain.step(batch), steps, warmup=0)
+        f = _cpu_time_per_call(lambda: plain.forward_only(batch), 1, warmup=0)
+        rows.append({"curve": curve or f"{method}_{key}", "x": x, "step_ms": round(1e3 * t, 1),
+                     "fwd_ms": round(1e3 * f, 1), "train_mem_mb": round(mem.peak - mem.base, 1),
+                     "trainable_params": module.trainable_params, "batch_size": batch_size_of(batch),
+                     "backbone": cfg.choices.backbone})
+        log.info("%s %s=%s: step %.0f ms, fwd %.0f ms", method, key, x, 1e3 * t, 1e3 * f)
+        del plain, module, backbone, m, task, dm
+    return rows
+
+
+def measure_fused_epochs(method: str, epochs: int = 30, batch_size: int = 8) -> dict[str, Any]:
+    """Per-step CPU time of training epochs on cached features through the real Trainer and
+    DataLoader -- Lightning's per-batch loop (``features.fused_epochs=false``) and the fused epoch
+    loop -- each interleaved epoch by epoch with the plain loop on the same batches (a callback runs
+    one plain epoch after each framework epoch). Epoch 1 (which fills the cache) is dropped."""
+    import lightning as L
+    import torch
+
+    from prompttune.runs import build, make_module
+
+    cfg = compose_for(method, [f"data.batch_size={batch_size}", f"method.optim.epochs={epochs}"])
+
+    class Interleaved(L.Callback):
+        def __init__(self, plain, batches):
+            self.fw, self.pl, self.plain, self.batches = [], [], plain, batches
+
+        def on_train_epoch_start(self, *args):
+            self.c0 = time.process_time()
+
+        def on_train_epoch_end(self, *args):
+            self.fw.append(time.process_time() - self.c0)
+            c0 = time.process_time()
+            for i, b in enumerate(self.batches):
+                self.plain.step(b, i)
+            self.pl.append(time.process_time() - c0)
+
+    row: dict[str, Any] = {"curve": "fused_epochs", "method": method, "x": batch_size, "batch_size": batch_size,
+                           "epochs": epochs}
+    for fused in (True, False):
+        backbone, dm, m, task = build(cfg)
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        plain = PlainLoop(backbone, copy.deepcopy(m), copy.deepcopy(task), cfg.method.optim, epochs * len(batches),
+                          torch.device("cpu"), cache=True)
+        for b in batches:
+            plain.prepare(b)
+        module = make_module(cfg, backbone, m, task)
+        module.use_feature_store = False  # epoch 1 fills the cache; the later ones are measured
+        module.fused_epochs = fused
+        cb = Interleaved(plain, batches)
+        with tempfile.TemporaryDirectory(prefix="prompttune-bench-") as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore")
+            _trainer(cfg, Path(tmp), epochs, [cb]).fit(module, datamodule=dm)
+        fw, pl, n = cb.fw[1:], cb.pl[1:], len(batches)
+        tag = "fused" if fused else "lightning"
+        row[f"{tag}_step_ms"] = round(1e3 * statistics.median(fw) / n, 3)
+        row[f"{tag}_plain_step_ms"] = round(1e3 * statistics.median(pl) / n, 3)
+        row[f"{tag}_ratio"] = round(statistics.median(fw) / statistics.median(pl), 3)
+        row[f"{tag}_ratio_paired"] = round(statistics.median(f / q for f, q in zip(fw, pl)), 3)
+        row["steps_per_epoch"] = n
+    log.info("fused epochs %s: %s", method, row)
+    return row
+
+
+CURVES = {
+    "fused_epochs": lambda: [measure_fused_epochs("linear_probe", 30, 8), measure_fused_epochs("coop", 8, 32)],
+    "coop_classes": lambda: curve_coop_classes(),
+    "retrieval": lambda: curve_retrieval(),
+    "vpt_prompts": lambda: curve_method_steps("vpt", "method.num_prompts", (1, 10, 50, 100),
+                                              ["backbone=vit_b16_in21k", "data.batch_size=4"], curve="vpt_shallow_P"),
+    "vpt_deep_prompts": lambda: curve_method_steps("vpt_deep", "method.num_prompts", (1, 10, 50, 100),
+                                                   ["backbone=vit_b16_in21k", "data.batch_size=4"], curve="vpt_deep_P"),
+    "mhub_k": lambda: curve_method_steps("mhub", "method.k", (0, 1, 2, 3, 4), ["data.batch_size=8"], steps=10,
+                                         curve="mhub_k"),
+}
+
+
+def run_curves(names: list[str], out_dir: str) -> int:
+    """``prompttune bench --sweep NAME [NAME ...] --out DIR``: each curve's rows into DIR/NAME.json
+    and a plot DIR/NAME.png (CPU, one thread, random weights)."""
+    import torch
+
+    torch.set_num_threads(1)
+    bad = [n for n in names if n not in CURVES]
+    if bad or not names:
+        raise BenchError(f"unknown curve(s) {', '.join(bad) or '(none given)'}; valid: {', '.join(CURVES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from prompttune.utils import atomic_write_json
+
+    for name in names:
+        rows = CURVES[name]()
+        atomic_write_json(out / f"{name}.json", rows)
+        if any(r.get(f) for r in rows for f in ("step_ms", "eval_ms", "train_mem_mb")):
+            plot_curve(rows, out / f"{name}.png")
+        print(json.dumps(rows))
+    return 0
+
+
+_XLABELS = {"coop_classes": "classes (text encoder runs over each class's 77-token prompt)",
+            "retrieval_gallery": "gallery size G (1k queries) / items N (full i2t + t2i)",
+            "vpt_shallow_P": "prompt length P", "vpt_deep_P": "prompt length P", "mhub_k": "demonstrations k"}
+
+
+def plot_curve(rows: list[dict[str, Any]], path: Path) -> None:
+    """Log-log plot of each curve in ``rows`` (time, and memory where measured), with a fitted slope."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    curves: dict[str, list] = {}
+    for r in rows:
+        curves.setdefault(r["curve"], []).append(r)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    loglog = all(r["x"] > 0 for r in rows)  # a curve from x=0 (M-Hub's k) on linear axes
+    for name, rs in curves.items():
+        for field in ("step_ms", "eval_ms", "train_mem_mb"):
+            pts = [(r["x"], r[field]) for r in rs if r.get(field) and (r["x"] > 0 or not loglog)]
+            if len(pts) < 2:
+                continue
+            x, y = np.array(pts, dtype=float).T
+            if loglog:
+                slope = float(np.polyfit(np.log(x), np.log(y), 1)[0])
+                ax.plot(x, y, "o-", label=f"{name} {field} (log-log slope {slope:.2f})")
+            else:
+                ax.plot(x, y, "o-", label=f"{name} {field}")
+    if loglog:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(_XLABELS.get(rows[0]["curve"], "x"))
+    ax.set_ylabel("CPU ms per step / evaluation; MB added by training")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

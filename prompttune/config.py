@@ -60,8 +60,28 @@ for _name, _fn in (("cache", lambda sub="": str(cache_dir() / sub)), ("repo", la
 
 
 # ---------------------------------------------------------------------------- loading
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: Any, second: Any):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-3 and 1e38 as floats (YAML 1.1 wants a dot: 1.0e-3)."""
+    """SafeLoader that also reads 1e-3 and 1e38 as floats (YAML 1.1 wants a dot: 1.0e-3), and
+    refuses a key given twice in one mapping (PyYAML would silently keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let PyYAML report it
+                continue
+            if first is not None:
+                raise _DuplicateKey(key, first, key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -78,10 +98,23 @@ _Loader.add_implicit_resolver(
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing file or a syntax error names the file, line and column."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; name a YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at line {line}); "
+                          "save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"duplicate key {err.key!r} in {path}: first at line {err.first.line + 1}, again at "
+                          f"line {err.second.line + 1}; keep one (YAML would silently drop the first)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -139,9 +172,23 @@ def parse_dotlist(items: Iterable[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------- merging
-def _type_ok(base: Any, new: Any) -> bool:
-    if base is None or new is None:
+# keys whose values are an int *or* a float in their own right (Lightning's limit_*_batches:
+# a number of batches or a fraction), so an int default does not make a float a wrong type
+_INT_OR_FLOAT_KEYS = {"limit_train_batches", "limit_val_batches", "limit_test_batches", "gradient_clip_val",
+                      "warmup_epochs", "val_check_interval"}
+
+
+# Lightning's `devices`: a count, "auto", "0,1" or a list of ids; its value is checked in validation.py
+# MMICT data: `prompt` is one instruction or a list of templates, `ann_file` one file or a list to
+# merge (MSR-VTT); the datamodules check their values (prompttune/data/coco_captions.py)
+_ANY_TYPE_KEYS = {"devices", "prompt", "ann_file"}
+
+
+def _type_ok(base: Any, new: Any, key: str = "") -> bool:
+    if base is None or new is None or key in _ANY_TYPE_KEYS:
         return True
+    if key in _INT_OR_FLOAT_KEYS and isinstance(base, (int, float)) and isinstance(new, (int, float)):
+        return not isinstance(base, bool) and not isinstance(new, bool)
     if isinstance(base, bool) or isinstance(new, bool):
         return isinstance(base, bool) and isinstance(new, bool)
     if isinstance(base, (int, float)):
@@ -174,13 +221,14 @@ def _merge_checked(base: dict, new: dict, where: str, allow_new: bool = False) -
         old = base[key]
         if isinstance(old, dict) and isinstance(value, dict):
             out[key] = _merge_checked(old, value, path, allow_new=allow_new or _is_open(old))
-        elif not _type_ok(old, value):
+        elif not _type_ok(old, value, str(key)):
             raise ConfigError(
                 f"wrong type for {path!r}: got {value!r} ({type(value).__name__}), "
                 f"expected {type(old).__name__} like the default {old!r}"
             )
         else:
-            if isinstance(old, int) and not isinstance(old, bool) and isinstance(value, float) and value.is_integer():
+            if (isinstance(old, int) and not isinstance(old, bool) and isinstance(value, float) and value.is_integer()
+                    and str(key) not in _INT_OR_FLOAT_KEYS):
                 value = int(value)
             if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -284,8 +332,9 @@ def validate(cfg: DictConfig) -> None:
                 f"{group} config {cfg.choices[group]!r} names {group} {name!r}, which is not registered; "
                 f"valid: {', '.join(reg.names())}"
             )
-    if cfg.seed is None or int(cfg.seed) < 0:
-        raise ConfigError("seed must be a non-negative integer")
+    from prompttune.validation import check_values
+
+    check_values(cfg)
 
 
 def to_container(cfg: DictConfig | ListConfig) -> Any:

@@ -55,7 +55,7 @@ TASKS = Registry("task")
 ZOO = Registry("zoo entry")
 SYNTHETIC = Registry("synthetic dataset writer")
 
-_PACKAGES = ("backbones", "methods", "tasks", "data")
+_PACKAGES = ("backbones", "zoo", "methods", "tasks", "data")
 _loaded = False
 
 

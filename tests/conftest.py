@@ -45,3 +45,41 @@ def fine_dm(tiny_clip):
 
     cfg = compose(REPO / "experiments/smoke.yaml", ["method=coop", "data.shots=2"])
     return build_datamodule(cfg, tiny_clip)
+
+
+@pytest.fixture(scope="session")
+def make_fdrd_dm(tmp_path_factory, tiny_clip):
+    """``make(n_train)``: a synthetic FDRD DataModule (n_train pairs per class, one test pair),
+    configured for ``tiny_clip`` and built; the files are written once per n_train."""
+    from prompttune.data.fdrd import FDRDDataModule, write_fdrd
+
+    roots = {}
+
+    def make(n_train: int = 1):
+        if n_train not in roots:
+            roots[n_train] = tmp_path_factory.mktemp(f"fdrd_n{n_train}")
+            write_fdrd(roots[n_train], n_train=n_train, n_val=0, n_test=1, side=32, seed=1)
+        dm = FDRDDataModule(root=str(roots[n_train]), train_file="FDRD/train/synth_train.json",
+                            test_file="FDRD/test/synth_test.json", batch_size=8, eval_batch_size=64, seed=0)
+        dm.configure_for(tiny_clip)
+        dm.check()
+        dm.build()
+        return dm
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def retrieval_batch():
+    """``batch(dm, backbone, split, n)``: the first n items of a split, collated, with the frozen
+    backbone's pooled image features (what a feature-consuming retrieval method receives)."""
+    import torch
+
+    def batch(dm, backbone, split="train", n=8):
+        ds = dm.datasets[split]
+        b = ds.collate([ds[i] for i in range(n)])
+        with torch.no_grad():
+            b["features"] = backbone.encode_image(b["image"]).float()
+        return b
+
+    return batch

@@ -162,3 +162,25 @@ def test_flop_count_and_mfu_helpers():
     assert bench.device_peak_tflops(torch.device("cpu"), None) is None
     assert bench.device_peak_tflops(torch.device("cpu"), 100.0) == 100.0
     assert bench.format_table([{"method": "m", "mfu": None}]).count("-") > 3
+
+
+def test_scaling_curve_rows_and_plot(tmp_path):
+    """A small retrieval curve: rows per point, linear growth in the gallery, quadratic in N, and a PNG."""
+    rows = bench.curve_retrieval(gallery=(500, 4000), queries=200, dim=64, full=(300, 2400))
+    gal = [r for r in rows if r["curve"] == "retrieval_gallery"]
+    full = [r for r in rows if r["curve"] == "retrieval_full"]
+    assert [r["x"] for r in gal] == [500, 4000] and [r["x"] for r in full] == [300, 2400]
+    assert all(r["eval_ms"] > 0 for r in rows)
+    # 8x the items: the full (quadratic) evaluation grows by far more than the fixed-query one
+    assert full[1]["eval_ms"] / full[0]["eval_ms"] > gal[1]["eval_ms"] / gal[0]["eval_ms"]
+    bench.plot_curve(rows, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_sweep_cli_rejects_unknown_curves(capsys):
+    from prompttune.cli import main
+
+    assert main(["bench", "--sweep", "no_such_curve"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_curve" in err and "coop_classes" in err
+    assert main(["bench"]) == 2  # neither a method nor --sweep

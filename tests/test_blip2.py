@@ -116,7 +116,7 @@ def test_bad_backbone_arguments(tmp_path):
 def test_zoo_build_gives_an_image_grounded_model():
     """Builds blip2-tiny (~2-3 min on 2 cores): the Q-Former's outputs must depend on the image
     (a collapsed cross-attention -- the failure of too high a pretraining lr -- would not)."""
-    from prompttune.backbones import zoo
+    from prompttune import zoo
 
     zoo.build("blip2-tiny")
     meta = zoo.get("blip2-tiny").meta.read_text()

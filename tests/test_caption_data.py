@@ -164,6 +164,152 @@ def test_video_bad_layouts(tmp_path, video):
 
 def test_collate_keeps_strings_as_lists():
     items = [{"image": torch.zeros(3, 2, 2), "index": torch.tensor(i), "prompt": "p", "target": f"t{i}",
-              "references": ["r"], "split": "train"} for i in range(2)]
+              "references": ["r"], "split": "train", "image_key": f"k{i}"} for i in range(2)]
     b = InContextDataset.collate(items)
     assert b["image"].shape == (2, 3, 2, 2) and b["target"] == ["t0", "t1"] and b["index"].tolist() == [0, 1]
+    assert b["image_key"] == ["k0", "k1"]
+
+
+# ---------------------------------------------------------------------------- real release layouts
+def test_lavis_coco_karpathy_lists(tmp_path, coco):
+    """LAVIS's coco_karpathy_{train,val,test}.json: train one entry per caption, val/test caption lists."""
+    from prompttune.data.coco_captions import read_lavis_karpathy
+
+    data = json.loads((coco / "dataset_coco.json").read_text())
+    lists = {"train": [], "val": [], "test": []}
+    for im in data["images"]:
+        rel = f"{im['filepath']}/{im['filename']}"
+        caps = [s["raw"] for s in im["sentences"]]
+        if im["split"] == "train":
+            lists["train"] += [{"caption": c, "image": rel, "image_id": f"coco_{im['cocoid']}"} for c in caps]
+        else:
+            lists[im["split"]].append({"image": rel, "caption": caps})
+    for split, items in lists.items():
+        (tmp_path / f"coco_karpathy_{split}.json").write_text(json.dumps(items))
+    imgs = read_lavis_karpathy(tmp_path / "coco_karpathy_train.json", coco)
+    assert len(imgs) == 6 and all(len(i["refs"]) == 5 for i in imgs)  # regrouped by image
+    dm = CocoCaptionsDataModule(root=str(tmp_path), ann_file="coco_karpathy_{split}.json", image_root=str(coco))
+    dm.image_size = 32
+    dm.check()
+    ref = CocoCaptionsDataModule(root=str(coco))
+    ref.image_size = 32
+    ref.check()
+    for split in ("train", "val", "test"):  # the same samples as from dataset_coco.json
+        assert [(r["paths"], r["target"], r["refs"]) for r in dm.rows[split]] == \
+               [(r["paths"], r["target"], r["refs"]) for r in ref.rows[split]]
+    (tmp_path / "coco_karpathy_val.json").write_text(json.dumps([{"image": "x.jpg"}]))
+    with pytest.raises(DataError, match=r"entry \[0\] needs 'image' and 'caption'"):
+        dm.check()
+    (tmp_path / "coco_karpathy_val.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match="expected a LAVIS annotation list"):
+        dm.check()
+
+
+def _msrvtt_release(root, video):
+    """Split the synthetic videodatainfo.json the way MSR-VTT ships: train_val_ + test_ files."""
+    info = json.loads((video / "videodatainfo.json").read_text())
+    test_ids = {v["video_id"] for v in info["videos"] if v["split"] == "test"}
+    for name, keep in (("train_val_videodatainfo.json", lambda vid: vid not in test_ids),
+                       ("test_videodatainfo.json", lambda vid: vid in test_ids)):
+        part = {"info": {}, "videos": [dict(v, url="u", category=0) for v in info["videos"] if keep(v["video_id"])],
+                "sentences": [dict(s, sen_id=i) for i, s in enumerate(info["sentences"]) if keep(s["video_id"])]}
+        (root / name).write_text(json.dumps(part))
+
+
+def test_msrvtt_release_files_are_read_directly(tmp_path, video):
+    import shutil
+
+    shutil.copytree(video / "frames", tmp_path / "frames")
+    _msrvtt_release(tmp_path, video)
+    dm = VideoFramesDataModule(root=str(tmp_path), ann_file=["train_val_videodatainfo.json", "test_videodatainfo.json"],
+                               num_frames=3)
+    dm.image_size = 32
+    dm.check()
+    ref = VideoFramesDataModule(root=str(video), num_frames=3)
+    ref.image_size = 32
+    ref.check()
+    assert {s: len(r) for s, r in dm.rows.items()} == {s: len(r) for s, r in ref.rows.items()} == \
+        {"train": 9, "val": 1, "test": 2}
+    assert [r["refs"] for r in dm.rows["test"]] == [r["refs"] for r in ref.rows["test"]]
+    with pytest.raises(DataError, match="listed twice"):
+        VideoFramesDataModule(root=str(tmp_path), ann_file=["test_videodatainfo.json", "test_videodatainfo.json"]).check()
+
+
+def test_msvd_annotations_and_mapping(tmp_path, video):
+    """MSVD's annotations.txt ('<youtube clip> <caption>') + youtube_mapping.txt ('<clip> vidN'),
+    frames named by clip or by vidN; the standard 1200/100/670 split by vid number."""
+    import shutil
+
+    from prompttune.data.video_frames import read_video_captions
+
+    clips = {"vid1": "abc_1_5", "vid1200": "-xyz_0_9", "vid1201": "q1_2_3", "vid1301": "zz_4_8", "vid1970": "last_1_2"}
+    src = sorted((video / "frames").iterdir())
+    for i, (vid, clip) in enumerate(clips.items()):
+        shutil.copytree(src[i], tmp_path / "frames" / (clip if i % 2 else vid))
+    (tmp_path / "youtube_mapping.txt").write_text("".join(f"{c} {v}\n" for v, c in clips.items()))
+    lines = ["# MSVD descriptions", ""] + [f"{c} a {v} clip moves" for v, c in clips.items()] + ["vid1 another caption"]
+    (tmp_path / "annotations.txt").write_text("\n".join(lines) + "\n")
+    out = read_video_captions(tmp_path, "annotations.txt", "frames", 2, layout="msvd", mapping_file="youtube_mapping.txt")
+    assert {k: len(v) for k, v in out.items()} == {"train": 2, "val": 1, "test": 2}
+    assert sorted(len(v["refs"]) for v in out["train"]) == [1, 2]
+    dm = VideoFramesDataModule(root=str(tmp_path), layout="msvd", ann_file="annotations.txt",
+                               mapping_file="youtube_mapping.txt", num_frames=2)
+    dm.image_size = 32
+    dm.check()
+    assert len(dm.rows["train"]) == 3 and dm.rows["test"][0]["video"]
+    (tmp_path / "annotations.txt").write_text("unknown_clip a caption\n")
+    with pytest.raises(DataError, match="clip 'unknown_clip' is not in the mapping file"):
+        read_video_captions(tmp_path, "annotations.txt", "frames", 2, layout="msvd", mapping_file="youtube_mapping.txt")
+    (tmp_path / "annotations.txt").write_text("vid2000 a caption\n")
+    with pytest.raises(DataError, match="outside MSVD's vid1-vid1970"):
+        read_video_captions(tmp_path, "annotations.txt", "frames", 2, layout="msvd")
+    with pytest.raises(DataError, match="data.layout must be one of msrvtt, msvd"):
+        VideoFramesDataModule(root=str(tmp_path), layout="youcook")
+
+
+# ---------------------------------------------------------------------------- instructions and text processing
+def test_instruction_templates_and_blip_caption(coco):
+    from prompttune.data.coco_captions import blip_caption
+
+    # LAVIS BlipCaptionProcessor.pre_caption, by hand
+    assert blip_caption('A man, in a "T-shirt"!  Riding: (fast)...') == "a man, in a t-shirt riding fast"
+    assert blip_caption("one two three", max_words=2) == "one two"
+    templates = ["A short image caption:", "An image that shows", "Write a short description for the image."]
+    dm = CocoCaptionsDataModule(root=str(coco), prompt=templates, text_processor="blip_caption", batch_size=4)
+    dm.image_size = 32
+    dm.check()
+    dm.setup()
+    ds = dm.datasets["train"]
+    torch.manual_seed(0)
+    drawn = {ds[0]["prompt"] for _ in range(40)}
+    assert drawn == set(templates)  # one template per training sample, at random
+    assert {dm.datasets["test"][0]["prompt"] for _ in range(5)} == {templates[0]}  # evaluation: the first
+    assert all(r["target"] == blip_caption(r["target"]) for r in dm.rows["train"])
+    with pytest.raises(DataError, match="data.text_processor must be one of none, blip_caption"):
+        CocoCaptionsDataModule(root=str(coco), text_processor="lower")
+    with pytest.raises(DataError, match="data.prompt must be a string or a non-empty list of strings"):
+        CocoCaptionsDataModule(root=str(coco), prompt=[])
+
+
+def test_references_are_scored_as_released(coco):
+    plain = CocoCaptionsDataModule(root=str(coco))
+    plain.image_size = 32
+    plain.check()
+    proc = CocoCaptionsDataModule(root=str(coco), text_processor="blip_caption")
+    proc.image_size = 32
+    proc.check()
+    assert [r["refs"] for r in proc.rows["test"]] == [r["refs"] for r in plain.rows["test"]]
+
+
+def test_demonstration_images_are_not_augmented_at_evaluation(coco):
+    dm = CocoCaptionsDataModule(root=str(coco), augment=True)
+    dm.image_size = 32
+    dm.check()
+    dm.setup()
+    ds = dm.datasets["train"]
+    assert ds.transform.augment and not ds.eval_transform.augment
+    assert torch.equal(ds.image(0, augment=False), ds.image(0, augment=False))
+    from prompttune.data.base import read_image
+
+    plain = dm.datasets["test"].transform(read_image(dm.rows["train"][0]["paths"][0]))
+    assert torch.equal(ds.image(0, augment=False), plain)

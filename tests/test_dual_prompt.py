@@ -1,216 +1,183 @@
-"""DCAR dual prompt method and the retrieval baselines, on the untrained tiny CLIP and tiny FDRD data."""
+"""DCAR as its Fig. 2 describes it (dual_prompt), on the untrained tiny CLIP and tiny FDRD data."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from prompttune.data.fdrd import FDRDDataModule, write_fdrd
-from prompttune.methods.dual_prompt import DualPrompt, split_on_class, swap_class
-from prompttune.methods.retrieval_baselines import CoOpRetrieval, ZeroShotRetrieval
+from prompttune.config import ConfigError
+from prompttune.methods.dual_prompt import DualPrompt
 from prompttune.module import PromptTuningModule
 from prompttune.tasks.retrieval import RetrievalTask
 
 
 @pytest.fixture(scope="module")
-def fdrd_dm(tmp_path_factory, tiny_clip):
-    root = tmp_path_factory.mktemp("fdrd_dp")
-    write_fdrd(root, n_train=2, n_val=0, n_test=1, side=32, seed=1)
-    dm = FDRDDataModule(root=str(root), train_file="FDRD/train/synth_train.json",
-                        test_file="FDRD/test/synth_test.json", batch_size=8, eval_batch_size=64, seed=0)
-    dm.configure_for(tiny_clip)
-    dm.check()
-    dm.build()
-    return dm
+def fdrd_dm(make_fdrd_dm):
+    return make_fdrd_dm(1)
 
 
-def _batch(dm, backbone, split="train", n=8):
-    ds = dm.datasets[split]
-    b = ds.collate([ds[i] for i in range(n)])
-    with torch.no_grad():
-        b["features"] = backbone.encode_image(b["image"]).float()
-    return b
 
 
 def _method(tiny_clip, dm, **kw):
-    kw.setdefault("mi_init_max_pairs", 8)  # keep setup's occlusion pass small
+    torch.manual_seed(0)
+    kw.setdefault("prompt_depth", 2)
     m = DualPrompt(**kw)
     m.setup(tiny_clip, dm)
     return m
 
 
-def test_caption_helpers():
-    assert split_on_class("a large red Striped Disc", "striped disc") == ("a large red ", "Striped Disc", "")
-    assert swap_class("a striped disc", "striped disc", "dotted cross") == "a dotted cross"
-    assert split_on_class("a cat", "dog") is None
+def test_prompt_layout_and_trainable_parameters(tiny_clip, fdrd_dm):
+    m = _method(tiny_clip, fdrd_dm)
+    tokens, words = m._tokens(tiny_clip, ["a large red striped disc"])
+    # [SOT] "a photo" (learned, n_ctx=2) "of a" (kept) caption [EOT]: the caption words are the weighted ones
+    ref = tiny_clip.tokenize(["a photo of a a large red striped disc"])
+    assert torch.equal(tokens, ref) and m.n_prefix == 4
+    eot = int(tokens[0].argmax())
+    assert words[0].nonzero().flatten().tolist() == list(range(5, eot))
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {"prompts.ctx", "prompts.proj.weight", "prompts.deep_text.0", "prompts.deep_proj.0.weight",
+            "caa.down.weight", "caa.up.weight"} <= names
+    # CAA is the identity at initialisation
+    x = torch.randn(3, tiny_clip.embed_dim)
+    assert torch.equal(m.caa(x), x)
+    # no visual prompts: the image side is the frozen, cacheable one and has no parameters
+    t = _method(tiny_clip, fdrd_dm, visual_prompt="none")
+    assert t.consumes == "image_features" and not any("proj" in n for n, _ in t.named_parameters())
 
 
-def test_setup_shapes_and_prompt_layout(tiny_clip, fdrd_dm):
-    m = _method(tiny_clip, fdrd_dm, n_attr_ctx=3, attr_init=None, n_cat_ctx=2)
-    w = tiny_clip.text_width
-    assert m.attr_ctx.shape == (3, w) and m.cat_ctx.shape == (2, w)
-    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 5 * w
-    cap = "a large red striped disc"
+def test_token_weights_follow_fig2_by_hand(tiny_clip, fdrd_dm):
+    m = _method(tiny_clip, fdrd_dm, reweight_strength=1.0, reweight_momentum=0.5)
+    tokens, words = m._tokens(tiny_clip, ["a large red disc", "a small disc"])
+    img = F.normalize(torch.randn(2, tiny_clip.embed_dim), dim=-1)
+    blank = F.normalize(torch.randn(tiny_clip.embed_dim), dim=-1)
+    w = m.dynamic_weights(tiny_clip, tokens, words, img, blank)
+    for r in range(2):
+        pos = words[r].nonzero().flatten().tolist()
+        raw = []
+        for p in pos:
+            with torch.no_grad():
+                t = F.normalize(tiny_clip.encode_text(torch.tensor([[tokens[r, 0], tokens[r, p], int(tokens[r].max())]
+                                                                    + [0] * (tokens.shape[1] - 3)])).float(), dim=-1)[0]
+            raw.append(abs(float(t @ blank) - float(t @ img[r])))  # |S(token, blank) - S(token, I')|
+        want = torch.tensor(raw) / (sum(raw) / len(raw))
+        assert torch.allclose(w[r, pos], want, atol=1e-4)
+        assert bool((w[r][~words[r]] == 1).all())  # prompts, [SOT], [EOT], padding: unweighted
+    # strength 0 turns the weights off; the running table holds the mean weight of each token id
+    assert torch.equal(m._blend(w, words), w)
+    m.reweight_strength = 0.0
+    assert bool((m._blend(w, words) == 1).all())
+    disc = int(tokens[0, words[0].nonzero().flatten()[-1]])
+    assert bool(m.token_weight_seen[disc]) and float(m.token_weight_table[disc]) == pytest.approx(
+        float((w[0][tokens[0] == disc].mean() + w[1][tokens[1] == disc].mean()) / 2), abs=1e-5)
+
+
+def test_negatives_swap_every_occurrence_and_alter_attributes(tiny_clip, fdrd_dm):
+    m = _method(tiny_clip, fdrd_dm, swap_negatives=2, attr_negatives=2, alpha=0.5)
     lab = m.classnames.index("striped disc")
-    tokens, slots, words = m._assemble(tiny_clip, [cap], [lab])
-    ids = m._word_ids(tiny_clip, ["a large red", "striped disc"])
-    row, slot = tokens[0].tolist(), slots[0].tolist()
-    n_pre, n_cls = len(ids[0]), len(ids[1])
-    # [SOT] prefix class P_c(2) P_a(3) [EOT]: the sub-category prompt right after the class name,
-    # the attribute prompt after the caption (attr_position=end)
-    assert row[0] == m._sot and row[1:1 + n_pre] == ids[0] and row[1 + n_pre:1 + n_pre + n_cls] == ids[1]
-    assert slot[1 + n_pre + n_cls:1 + n_pre + n_cls + 5] == [3, 4, 0, 1, 2]
-    eot = 1 + n_pre + n_cls + 5
-    assert row[eot] == m._eot and int(tokens[0].argmax()) == eot
-    assert words[0].sum() == n_pre + n_cls
-    front = _method(tiny_clip, fdrd_dm, n_attr_ctx=2, attr_init=None, n_cat_ctx=1, attr_position="front",
-                    cat_position="before")
-    _, s2, _ = front._assemble(tiny_clip, [cap], [lab])
-    assert s2[0, 1:3].tolist() == [0, 1] and s2[0, 3 + n_pre] == 2
-    # a caption without its class name gets the sub-category prompt at its start
-    _, s3, _ = front._assemble(tiny_clip, ["something else"], [lab])
-    assert s3[0, 3] == 2
+    cap = "a large red striped disc; the Striped Disc is large."  # names its class twice
+    negs, logw = m.make_negatives([cap], [lab])
+    assert len(negs) == 4 and logw.shape == (1, 4)
+    for neg in negs[:2]:  # category-swapped: no occurrence of the true class left, weight 1
+        assert "striped disc" not in neg.lower()
+        assert any(neg.count(m.classnames[c]) == 2 for c in m.neg_pool_idx[lab].tolist())
+    assert logw[0, :2].tolist() == [0.0, 0.0]
+    for neg in negs[2:]:  # attribute-altered, same category: weight 1 + alpha
+        assert neg != cap and neg.lower().count("striped disc") == 2
+        changed = [(a, b) for a, b in zip(cap.split(" "), neg.split(" ")) if a != b]
+        assert len(changed) == 1
+    assert logw[0, 2:].tolist() == pytest.approx([math.log(1.5)] * 2)
+    # a caption without attribute words or its class name: those slots are dropped
+    negs, logw = m.make_negatives(["something else"], [lab])
+    assert bool(torch.isinf(logw).all())
+    flat = _method(tiny_clip, fdrd_dm, category_weighting=False)
+    assert bool((flat.make_negatives([cap], [lab])[1] == 0).all())
 
 
-def test_forward_train_and_eval_outputs(tiny_clip, fdrd_dm):
-    m = _method(tiny_clip, fdrd_dm, n_negatives=3)
-    b = _batch(fdrd_dm, tiny_clip)
+def test_l_cate_by_hand_and_outputs(tiny_clip, fdrd_dm, retrieval_batch):
+    m = _method(tiny_clip, fdrd_dm, token_reweight=False, caa=False, alpha=1.0)
+    b = retrieval_batch(fdrd_dm, tiny_clip, n=6)
     m.train()
+    m._gen.manual_seed(3)
     out = m(tiny_clip, b)
     d = tiny_clip.embed_dim
-    assert out["image_features"].shape == (8, d) and out["text_features"].shape == (8, d)
-    assert out["neg_text_features"].shape == (8, 3, d) and out["neg_log_weight"].shape == (8, 3)
-    assert torch.allclose(out["text_features"].norm(dim=-1), torch.ones(8), atol=1e-5)
-    # category-match weights: log(1 + lambda * mu) with mu in [0, 1]
-    lw = out["neg_log_weight"]
-    assert bool(((lw >= 0) & (lw <= math.log(2.0) + 1e-6)).all())
+    assert out["image_features"].shape == (6, d) and out["text_features"].shape == (6, d)
+    m._gen.manual_seed(3)
+    negs, logw = m.make_negatives(list(b["caption"]), b["label"].tolist())
+    with torch.no_grad():
+        nt, _ = m._tokens(tiny_clip, negs)
+        neg = m.encode_text(tiny_clip, nt).view(6, 4, d)
+        img, txt, s = out["image_features"], out["text_features"], float(tiny_clip.logit_scale)
+        loss = 0.0
+        for i in range(6):
+            terms = [math.exp(s * float(img[i] @ txt[i]))]
+            terms += [math.exp(s * float(img[i] @ neg[i, j]) + float(logw[i, j])) for j in range(4)]
+            loss += -math.log(terms[0] / sum(terms))
+    assert float(out["l_cate"]) == pytest.approx(loss / 6, rel=1e-4)
     m.eval()
-    tb = _batch(fdrd_dm, tiny_clip, "test")
+    tb = retrieval_batch(fdrd_dm, tiny_clip, "test", n=6)
     out = m(tiny_clip, tb)
-    assert out["neg_text_features"].shape == (8, 4, d) and "neg_log_weight" not in out
+    assert out["neg_text_features"].shape == (6, 4, d) and "aux_loss" not in out
 
 
-def test_negatives_swap_the_sub_category(tiny_clip, fdrd_dm):
-    m = _method(tiny_clip, fdrd_dm, n_negatives=4, neg_perspectives=["text", "visual"], neg_pool=2)
-    b = _batch(fdrd_dm, tiny_clip)
-    caps, labels = list(b["caption"]), b["label"].tolist()
-    negs, neg_labels, logw = m.sample_negatives(caps, labels)
-    for i, (cap, lab) in enumerate(zip(caps, labels)):
-        for j in range(4):
-            neg, nl = negs[4 * i + j], neg_labels[4 * i + j]
-            if torch.isinf(logw[i, j]):
-                continue
-            assert nl != lab and bool(m.neg_pool_mask[lab, nl])
-            assert neg == cap.replace(m.classnames[lab], m.classnames[nl])
-    # a pool of at most 2 per perspective x 2 perspectives
-    assert int(m.neg_pool_mask.sum(1).max()) <= 4 and not bool(m.neg_pool_mask.diagonal().any())
-    unweighted = _method(tiny_clip, fdrd_dm, category_weighting=False)
-    assert bool((unweighted.sample_negatives(caps, labels)[2] == 0).all())
-
-
-def test_gradients_reach_exactly_the_prompts(tiny_clip, fdrd_dm):
+def test_gradients_reach_exactly_the_trainable_parts_and_loss_falls(tiny_clip, fdrd_dm, retrieval_batch):
     m = _method(tiny_clip, fdrd_dm)
     task = RetrievalTask()
-    module = PromptTuningModule(tiny_clip, m, task)  # asserts nothing else requires grad
-    module.train()
-    b = _batch(fdrd_dm, tiny_clip)
-    loss = task.loss(m(tiny_clip, b), b)
-    loss.backward()
-    assert m.attr_ctx.grad is not None and m.attr_ctx.grad.abs().sum() > 0
-    assert m.cat_ctx.grad is not None and m.cat_ctx.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in tiny_clip.parameters())
-    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"attr_ctx", "cat_ctx"}
-
-
-def test_loss_falls(tiny_clip, fdrd_dm):
-    torch.manual_seed(0)
-    m = _method(tiny_clip, fdrd_dm, token_reweight=False, n_negatives=2)
-    task = RetrievalTask()
+    PromptTuningModule(tiny_clip, m, task)  # asserts nothing else requires grad
     m.train()
-    b = _batch(fdrd_dm, tiny_clip, n=8)
-    opt = torch.optim.Adam(m.parameters(), lr=0.05)
-    first = None
-    for _ in range(6):
+    b = retrieval_batch(fdrd_dm, tiny_clip, n=8)
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    losses = []
+    for step in range(6):
         m._gen.manual_seed(0)  # the same negatives each step: a fixed objective
         loss = task.loss(m(tiny_clip, b), b)
-        first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
+        if step == 0:  # CAA's up-projection starts at zero (identity), so its down-projection waits a step
+            for n, p in m.named_parameters():
+                assert p.grad is not None and (p.grad.abs().sum() > 0) == (not n.startswith("caa.down")), n
+            assert all(p.grad is None for p in tiny_clip.parameters())
+        if step == 1:
+            assert m.caa.down.weight.grad.abs().sum() > 0
+        losses.append(loss.item())
         opt.step()
-    assert loss.item() < first - 0.05
+    assert losses[-1] < losses[0] - 0.05
 
 
-def test_mi_scores_and_weights(tiny_clip, fdrd_dm):
-    m = _method(tiny_clip, fdrd_dm, reweight_strength=0.4, mi_momentum=0.5)
-    assert m.mi_ids.numel() > 0 and bool((m.mi_ids[1:] > m.mi_ids[:-1]).all())  # sorted, unique
-    # the running mean by hand
-    m.mi_ids, m.mi_val = torch.tensor([5, 9]), torch.tensor([1.0, 2.0])
-    m._update_mi(torch.tensor([9, 9, 11]), torch.tensor([4.0, 6.0, 3.0]), momentum=0.5)
-    assert m.mi_ids.tolist() == [5, 9, 11]
-    assert m.mi_val.tolist() == pytest.approx([1.0, 0.5 * 2.0 + 0.5 * 5.0, 3.0])
-    tokens = torch.tensor([[1, 5, 9, 11, 7, 0]])
-    words = torch.tensor([[False, True, True, True, True, False]])
-    w = m.token_weights(tokens, words)
-    assert w[0, 0] == 1 and w[0, 5] == 1 and w[0, 4] == 1  # not a word, or unseen (7)
-    assert bool(((w >= 0.6) & (w <= 1.4)).all())
-    assert w[0, 2] > w[0, 3] > w[0, 1]  # higher MI score, higher weight
-    # the scores move with training (the dynamic part) and are saved with the trainable state
-    m.mi_ids, m.mi_val = torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    m.train()
-    m(tiny_clip, _batch(fdrd_dm, tiny_clip))
-    assert m.mi_ids.numel() > 0
-    state = m.state_dict()
-    fresh = _method(tiny_clip, fdrd_dm, mi_init_max_pairs=2)
-    fresh.load_state_dict(state)
-    assert torch.equal(fresh.mi_ids, m.mi_ids) and torch.equal(fresh.attr_ctx, m.attr_ctx)
-
-
-def test_switches_turn_components_off(tiny_clip, fdrd_dm):
-    b = _batch(fdrd_dm, tiny_clip)
-    m = _method(tiny_clip, fdrd_dm, token_reweight=False, hard_negatives=False, n_cat_ctx=0)
+def test_switches_turn_components_off(tiny_clip, fdrd_dm, retrieval_batch):
+    b = retrieval_batch(fdrd_dm, tiny_clip, n=6)
+    m = _method(tiny_clip, fdrd_dm, token_reweight=False, cate_loss=False, caa=False, category_weighting=False)
     m.train()
     out = m(tiny_clip, b)
-    assert "neg_text_features" not in out and m.cat_ctx is None and m.mi_ids.numel() == 0
-    tokens, _, words = m._assemble(tiny_clip, ["a red disc"], [0])
-    assert m.token_weights(tokens, words) is None
+    assert "aux_loss" not in out and m.caa is None and not bool(m.token_weight_seen.any())
+    tokens, words = m._tokens(tiny_clip, ["a red disc"])
+    assert m.eval_weights(tokens, words) is None
+    t = _method(tiny_clip, fdrd_dm, visual_prompt="none")
+    t.train()
+    out = t(tiny_clip, b)  # reads the cached frozen features
+    assert torch.allclose(out["image_features"], F.normalize(b["features"], dim=-1))
 
 
-def test_baselines(tiny_clip, fdrd_dm):
-    coop = CoOpRetrieval(n_ctx=3)
-    coop.setup(tiny_clip, fdrd_dm)
-    assert [n for n, p in coop.named_parameters() if p.requires_grad] == ["attr_ctx"]
-    assert coop.attr_ctx.shape == (3, tiny_clip.text_width) and not coop.hard_negatives and not coop.token_reweight
-    zs = ZeroShotRetrieval()
-    zs.setup(tiny_clip, fdrd_dm)
-    assert sum(p.numel() for p in zs.parameters()) == 0
-    b = _batch(fdrd_dm, tiny_clip, "test")
-    out = zs(tiny_clip, b)
-    with torch.no_grad():
-        want = torch.nn.functional.normalize(tiny_clip.encode_text(tiny_clip.tokenize(list(b["caption"]))), dim=-1)
-    assert torch.allclose(out["text_features"], want, atol=1e-5)
-    assert out["neg_text_features"].shape[:2] == (8, 4)
+@pytest.mark.parametrize("key,value,match", [
+    ("visual_prompt", "both", "method.visual_prompt='both'.*coupled, independent, none"),
+    ("blank", "grey", "method.blank='grey'"),
+    ("reweight_strength", 1.5, r"method.reweight_strength=1.5.*\[0, 1\]"),
+    ("alpha", -1, "method.alpha=-1"),
+    ("eval_reweight", "batch", "method.eval_reweight='batch'"),
+])
+def test_bad_config_rejected(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        DualPrompt.check_config(OmegaConf.create({"method": {key: value}}))
 
 
-def test_bad_config_rejected(tiny_clip, fdrd_dm):
-    with pytest.raises(ValueError, match="neg_perspectives.*valid: text, visual, random"):
-        DualPrompt(neg_perspectives=["txt"])
-    with pytest.raises(ValueError, match="reweight_strength"):
-        DualPrompt(reweight_strength=1.5)
-    with pytest.raises(ValueError, match="attr_position"):
-        DualPrompt(attr_position="middle")
-    with pytest.raises(TypeError, match="CLIP backbone"):
-        DualPrompt().setup(torch.nn.Linear(2, 2), fdrd_dm)
+def test_inert_combinations_rejected():
+    with pytest.raises(ConfigError, match="method.caa=True: has no effect without L_cate"):
+        DualPrompt.check_config(OmegaConf.create({"method": {"cate_loss": False, "caa": True}}))
+    with pytest.raises(ConfigError, match="L_cate needs negatives"):
+        DualPrompt.check_config(OmegaConf.create({"method": {"swap_negatives": 0, "attr_negatives": 0}}))
 
 
-@pytest.mark.slow
-def test_smoke_fit(tmp_path):
-    """The smoke experiment through the real run path, in-process."""
-    from prompttune.config import compose
-    from prompttune.runs import fit
-
-    cfg = compose("experiments/smoke.yaml", ["method=dual_prompt", f"run_dir={tmp_path / 'run'}",
-                                             "data.synthetic.n_train=2", "data.synthetic.n_val=1",
-                                             "data.synthetic.n_test=2", f"data.root={tmp_path / 'data'}"])
-    res = fit(cfg)
-    assert res["status"] == "completed" and res["trainable_params"] > 0
-    assert {"test/i2t/R@1", "test/t2i/R@10", "test/fdrd_i2t/R@1", "test/fdrd_t2i/R@1"} <= set(res["metrics"])
+def test_depth_beyond_the_backbone_rejected(tiny_clip, fdrd_dm):
+    with pytest.raises(ConfigError, match="method.prompt_depth=9"):
+        _method(tiny_clip, fdrd_dm, prompt_depth=9)

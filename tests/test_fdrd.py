@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from prompttune.data.base import DataError
-from prompttune.data.fdrd import (FDRDDataModule, ImageLocator, class_from_key, read_fdrd_json, swapped_class,
-                                  write_fdrd)
+from prompttune.data.fdrd import (FDRDDataModule, ImageLocator, class_from_key, read_fdrd_json, swap_class,
+                                  swapped_class, write_fdrd)
 from prompttune.data.world import SUBCATEGORIES, fine_classes
 
 SPEC = dict(kind="fdrd", n_train=2, n_val=1, n_test=2, side=16, seed=0, background="noise", n_negatives=4)
@@ -144,7 +144,6 @@ def test_helpers():
 @pytest.mark.parametrize("record,needle", [
     ({"file_path": "a.jpg", "negative": ["x"]}, "missing key 'positive'"),
     ({"file_path": "a.jpg", "positive": "p", "negative": "x"}, "must be a list"),
-    ({"file_path": "a.jpg", "positive": "p", "negative": []}, "need negative captions"),
     ({"file_path": "a.jpg", "positive": "", "negative": ["x"]}, "non-empty caption"),
 ])
 def test_bad_records_named(tmp_path, record, needle):
@@ -192,3 +191,104 @@ def test_corrupt_image_named(synth_root, tmp_path):
     with pytest.raises(DataError, match=bad.name):
         dm.datasets["test"][0]
     assert isinstance(torch.tensor(0), torch.Tensor)
+
+
+# ------------------------------------------------------------------ released-format records (written here)
+PETS_TEST = {  # pets_test.json layout: key "<Class>_<n>", foreign file_path, 4 negatives swapping every occurrence
+    "Sphynx_43": {"file_name": "Sphynx_43", "file_path": "/root/autodl-tmp/x/DATA/oxford_pets/images/Sphynx_43.jpg",
+                  "positive": "A Sphynx with green eyes sits on a bed. The sphynx looks at the camera.",
+                  "negative": ["A Bombay with green eyes sits on a bed. The Bombay looks at the camera.",
+                               "A British Shorthair with green eyes sits on a bed. The British Shorthair looks at the camera.",
+                               "A F-16A/B with green eyes sits on a bed. The F-16A/B looks at the camera.",
+                               "A F/A-18 with green eyes sits on a bed. The F/A-18 looks at the camera."]},
+    "British_Shorthair_7": {"file_name": "British_Shorthair_7",
+                            "file_path": "/root/autodl-tmp/x/DATA/oxford_pets/images/British_Shorthair_7.jpg",
+                            "positive": "A grey British Shorthair on a sofa; the british shorthair is asleep.",
+                            "negative": ["A grey Sphynx on a sofa; the Sphynx is asleep.",
+                                         "A grey Bombay on a sofa; the Bombay is asleep.",
+                                         "A grey F-16A/B on a sofa; the F-16A/B is asleep.",
+                                         "A grey F/A-18 on a sofa; the F/A-18 is asleep."]},
+}
+PLANES_TEST = {  # plane_test.json layout: '/' in the class name written as '_' in the key
+    "F-16A_B_1614884": {"file_name": "1614884", "file_path": "/root/autodl-tmp/x/DATA/fgvc_aircraft/images/1614884.jpg",
+                        "positive": "A grey F-16A/B fighter on the apron. The F-16A/B carries two tanks.",
+                        "negative": ["A grey F/A-18 fighter on the apron. The F/A-18 carries two tanks."]},
+    "F_A-18_0123456": {"file_name": "0123456", "file_path": "/root/autodl-tmp/x/DATA/fgvc_aircraft/images/0123456.jpg",
+                       "positive": "An F/A-18 lands on a carrier; the f/a-18 has its hook down.",
+                       "negative": ["An F-16A/B lands on a carrier; the F-16A/B has its hook down."]},
+    "BAE 146-200_0222222": {"file_name": "0222222",
+                            "file_path": "/root/autodl-tmp/x/DATA/fgvc_aircraft/images/0222222.jpg",
+                            "positive": "A BAE 146-200 in white livery, a BAE 146-200 of a regional airline.",
+                            "negative": ["A F-16A/B in white livery, a F-16A/B of a regional airline."]},
+}
+
+
+def _write_released(root, name, records, image_dir="images"):
+    for rec in records.values():
+        _img(root / image_dir / Path(rec["file_path"]).name)
+    (root / "FDRD" / "test").mkdir(parents=True, exist_ok=True)
+    (root / "FDRD" / "test" / name).write_text(json.dumps(records))
+
+
+def test_swap_class_replaces_every_occurrence_as_released():
+    for rec in PETS_TEST.values():
+        cls = class_from_key(next(k for k, v in PETS_TEST.items() if v is rec), [rec["positive"]])
+        for neg in rec["negative"]:
+            new = next(c for c in ("Bombay", "British Shorthair", "F-16A/B", "F/A-18", "Sphynx") if c in neg)
+            assert swap_class(rec["positive"], cls, new) == neg  # both occurrences, any case
+    assert swap_class("a Sphynx; the SPHYNX.", "sphynx", "Bombay") == "a Bombay; the Bombay."
+    assert swap_class("An A330-200 jet", "A330", "X") is None  # not inside a longer name
+    assert swap_class("a german  shorthaired pointer", "german shorthaired", "pug") == "a pug pointer"
+    assert swap_class("a cat", "dog", "pug") is None
+
+
+def test_slash_class_keys_resolved_from_captions(tmp_path):
+    assert class_from_key("F-16A_B_1614884", ["an F-16A/B jet"]) == "F-16A/B"
+    assert class_from_key("F_A-18_12", ["two f/a-18 jets"]) == "F/A-18"
+    assert class_from_key("British_Shorthair_7", ["a british shorthair"]) == "British Shorthair"
+    assert class_from_key("F-16A_B_1614884") == "F-16A B"  # no caption names it: spaces
+    root = tmp_path / "fgvc_aircraft"
+    _write_released(root, "plane_test.json", PLANES_TEST)
+    dm = FDRDDataModule(root=str(root), test_file="FDRD/test/plane_test.json", eval_batch_size=8)
+    dm.configure_for(type("B", (), {"image_size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3})())
+    dm.check()
+    assert dm.classnames == ["BAE 146-200", "F-16A/B", "F/A-18"]
+    recs = {r["key"]: r for r in dm._records["test"]}
+    f16, fa18 = dm.classnames.index("F-16A/B"), dm.classnames.index("F/A-18")
+    assert recs["F-16A_B_1614884"]["label"] == f16 and recs["F-16A_B_1614884"]["neg_labels"] == [fa18]
+    assert recs["F_A-18_0123456"]["neg_labels"] == [f16] and recs["BAE 146-200_0222222"]["neg_labels"] == [f16]
+
+
+def test_pets_records_with_classes_named_twice(tmp_path):
+    root = tmp_path / "oxford_pets"
+    _write_released(root, "pets_test.json", PETS_TEST)
+    dm = FDRDDataModule(root=str(root), test_file="FDRD/test/pets_test.json", eval_batch_size=8)
+    dm.configure_for(type("B", (), {"image_size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3})())
+    dm.check()
+    dm.build()
+    assert dm.classnames == ["British Shorthair", "Sphynx"]
+    sph = next(r for r in dm._records["test"] if r["key"] == "Sphynx_43")
+    # Bombay, F-16A/B, F/A-18 are not classes of this file: -1; British Shorthair is
+    assert sph["neg_labels"] == [-1, 0, -1, -1]
+
+
+def test_evaluation_files_without_negatives_accepted(tmp_path):
+    """DTD/Caltech/UCF test files in the DCAR history have "negative": []: whole-gallery R@K needs none."""
+    root = tmp_path / "dtd"
+    recs = {f"{c}_{i}": {"file_name": f"{c}_{i}", "file_path": f"/root/x/dtd/images/{c}_{i}.jpg",
+                         "positive": f"a {c} texture, {c} all over, number {i}", "negative": []}
+            for c in ("banded", "dotted") for i in range(3)}
+    _write_released(root, "dtd_test.json", recs)
+    dm = FDRDDataModule(root=str(root), test_file="FDRD/test/dtd_test.json", eval_batch_size=8)
+    dm.configure_for(type("B", (), {"image_size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3})())
+    dm.check()
+    dm.build()
+    assert dm.info()["n_negatives"] == 0
+    ds = dm.datasets["test"]
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    assert batch["neg_labels"].shape == (6, 0) and batch["negatives"] == [[]] * 6
+    from prompttune.tasks.retrieval import retrieval_metrics
+
+    x = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    m = retrieval_metrics(x, x, x.new_zeros(6, 0, 4), batch["label"], batch["neg_labels"], batch["caption_id"])
+    assert m["i2t/R@1"] == 1.0 and not any(k.startswith("1pos") for k in m)

@@ -36,7 +36,7 @@ def test_checkpoint_is_kilobytes_and_resumable_state(tmp_path):
     assert ckpt.stat().st_size < 64 * 1024, ckpt.stat().st_size
     state = torch.load(ckpt, weights_only=True)
     assert list(state["state_dict"]) == ["method.prompt_learner.ctx"]
-    assert res["trainable_params"] == 4 * 128  # "a photo of a" -> 4 context vectors of width 128
+    assert cfg.method.ctx_init is None and res["trainable_params"] == cfg.method.n_ctx * 128  # n_ctx vectors of width 128
     # a completed run is not redone
     again = fit(cfg)
     assert again["finished_at"] == res["finished_at"]
@@ -57,7 +57,8 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
     cfg = compose(SMOKE, ["method=linear_probe", "method.optim.epochs=3", f"run_dir={tmp_path}"])
     with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at epoch 1, step 2, batch 0"):
         fit(cfg)
-    assert not (tmp_path / "result.json").exists()
+    record = json.loads((tmp_path / "result.json").read_text())  # a failed record, never a completed one
+    assert record["status"] == "failed" and "non-finite training loss" in record["error"]
 
 
 def test_evaluate_loads_the_trainable_checkpoint(tmp_path):
@@ -91,8 +92,9 @@ def test_feature_cache_changes_nothing_but_decoding(tmp_path, monkeypatch):
     reads = []
     real = base.read_image
     monkeypatch.setattr(base, "read_image", lambda p: (reads.append(p), real(p))[1])
+    # the in-run cache alone: the on-disk store (tests/test_features*.py) would serve other tests' features
     common = ["method=linear_probe", "data.shots=2", "method.optim.epochs=3", "trainer.limit_train_batches=null",
-              "trainer.limit_test_batches=1", "data.eval_batch_size=8"]
+              "trainer.limit_test_batches=1", "data.eval_batch_size=8", "features.store=false"]
     fit(compose(SMOKE, [*common, f"run_dir={tmp_path / 'cached'}"]))
     cached_reads = len(reads)
     fit(compose(SMOKE, [*common, "method.cache_features=false", f"run_dir={tmp_path / 'plain'}"]))

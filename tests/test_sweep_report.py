@@ -43,16 +43,18 @@ def test_sweep_runs_skips_completed_and_reports(tmp_path, capsys):
     f = _sweep(tmp_path)
     assert run_sweep(f, dry_run=True) == 0
     assert "4 runs: 4 pending" in capsys.readouterr().out
-    assert run_sweep(f, wandb=True) == 0
+    assert run_sweep(f) == 0
+    out = capsys.readouterr().out
+    assert "[1/4] method=zero_shot,s0  completed" in out and "ETA" in out and "elapsed" in out
     runs = tmp_path / "runs"
     recs = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/result.json")}
     assert set(recs) == {"method=zero_shot,s0", "method=zero_shot,s1", "method=linear_probe,s0", "method=linear_probe,s1"}
     stamps = {k: v["finished_at"] for k, v in recs.items()}
     assert run_sweep(f) == 0  # rerun: nothing redone
     assert {p.parent.name: json.loads(p.read_text())["finished_at"] for p in runs.glob("*/result.json")} == stamps
-    assert "4 runs: 4 completed" in (capsys.readouterr(), run_sweep(f, dry_run=True), capsys.readouterr().out)[2]
-    wb = (runs / "wandb_sweep.yaml").read_text()
-    assert "prompttune" in wb and "args_no_hyphens" in wb and "linear_probe" in wb
+    assert "[4/4] method=linear_probe,s1  skipped  completed" in capsys.readouterr().out
+    assert run_sweep(f, dry_run=True) == 0
+    assert "4 runs: 4 completed" in capsys.readouterr().out
     for name in ("report.md", "report.csv", "report.png"):
         assert (runs / name).is_file()
 
@@ -80,14 +82,71 @@ def test_report_mean_std_by_hand(tmp_path):
     assert row["seeds"] == 3
     m, s = row["test/acc"]
     assert abs(m - 0.6) < 1e-12 and abs(s - 0.1) < 1e-12  # sample std of .5 .6 .7
-    assert "| coop | 3 | 60.00 ± 10.00 |" in out["markdown"]
+    assert "| coop | last | 3 | 60.00 ± 10.00 |" in out["markdown"]
     assert "half`: incomplete" in out["markdown"] and "torn`: unreadable result.json" in out["markdown"]
     done, other = collect(tmp_path)
     assert len(done) == 4 and len(other) == 2
     csv = (tmp_path / "report.csv").read_text().splitlines()
-    assert csv[0].startswith("method,seeds,test/acc_mean,test/acc_std")
+    assert csv[0].startswith("method,select,seeds,duplicate_seeds,test/acc_mean,test/acc_std")
 
 
 def test_mean_std_edge_cases():
     assert mean_std([2.0]) == (2.0, 0.0)
     assert all(math.isnan(v) for v in mean_std([]))
+
+
+# --------------------------------------------------------------------------- report grouping
+def _run_with_config(d: Path, seed, acc, shots=1, method="coop", select="last", tags=None):
+    """A run directory as runs.fit leaves it: a resolved config.yaml and a result.json."""
+    d.mkdir(parents=True)
+    cfg = {"method": {"name": method, "n_ctx": 4, "optim": {"lr": 0.002}}, "backbone": {"name": "clip"},
+           "data": {"name": "synth_fine", "shots": shots}, "task": {"name": "classification"},
+           "trainer": {"accelerator": "cpu", "cpu_threads": 1}, "seed": seed, "run_dir": str(d), "run_name": d.name,
+           "wandb": {"enabled": False}, "tags": tags or {},
+           "choices": {"method": method, "backbone": "zoo_clip", "data": "synth_fine", "task": "classification",
+                       "trainer": "cpu"}}
+    import yaml
+
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "result.json").write_text(json.dumps({
+        "status": "completed", "method": method, "backbone": "zoo_clip", "data": "synth_fine", "seed": seed,
+        "metrics": {"test/acc": acc}, "select": select, "trainable_params": 10, "total_params": 100,
+        "train_time_s": 1.0, "samples_per_s": 5.0, "peak_mem_mb": 3.0, "tags": tags or {}}))
+
+
+def test_report_groups_by_config_not_tags_and_flags_duplicate_seeds(tmp_path):
+    # two plain fits with shots 1 and 4 and no tags: two rows, not one "seeds 2" row
+    _run_with_config(tmp_path / "a", 0, 0.5, shots=1)
+    _run_with_config(tmp_path / "b", 0, 0.8, shots=4)
+    out = make_report(tmp_path)
+    assert out["keys"] == ["method", "data.shots"]  # only what tells the rows apart (+ method)
+    assert [(r["data.shots"], r["seeds"]) for r in out["rows"]] == [(1, 1), (4, 1)]
+    assert "| coop | 1 | last | 1 | 50.00 ± 0.00 |" in out["markdown"]
+    # same tags, different configs: still two rows; same config twice with seed 0: flagged
+    _run_with_config(tmp_path / "c", 0, 0.7, shots=4, tags={"method": "coop"})
+    _run_with_config(tmp_path / "d", 1, 0.9, shots=4, select="val")
+    out = make_report(tmp_path)
+    row = next(r for r in out["rows"] if r["data.shots"] == 4)
+    assert row["seeds"] == 3 and row["duplicate_seeds"] == [0] and row["select"] == "last/val"
+    assert "⚠ duplicate seed 0" in out["markdown"] and "## Duplicate seeds" in out["markdown"]
+    assert "`" + str(tmp_path / "b") + "`" in out["markdown"]
+    # run-identity keys (run_dir, wandb, tags, cpu_threads) do not split a setting
+    assert len(out["rows"]) == 2
+
+
+def test_report_metric_typo_lists_metrics_and_no_stale_plot(tmp_path, capsys):
+    from prompttune.cli import main
+
+    _run_with_config(tmp_path / "a", 0, 0.5)
+    assert main(["report", str(tmp_path), "--metric", "test/accuracy"]) == 2
+    err = capsys.readouterr().err
+    assert "'test/accuracy' is not a metric" in err and "metrics there: test/acc" in err
+    assert main(["report", str(tmp_path), "--x", "data.shot"]) == 2
+    assert "keys that do: method" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 0 and (tmp_path / "report.png").is_file()
+    # the runs lose their metrics: the old plot must not stay beside the new table
+    rec = json.loads((tmp_path / "a" / "result.json").read_text())
+    rec["metrics"] = {}
+    (tmp_path / "a" / "result.json").write_text(json.dumps(rec))
+    out = make_report(tmp_path)
+    assert not (tmp_path / "report.png").exists() and "removed the old report.png" in out["markdown"]

@@ -5,6 +5,7 @@ synthetic counting data. Tiny random-weight CLIPs only."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ def clip():
 
 
 CLASSES = ["one", "two", "three", "four"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _batch(n=8, seed=0):
@@ -106,17 +108,25 @@ def test_task_loss_falls_with_training(clip):
     assert up.objective(x, y)[0].item() > first.item()
 
 
-def test_fca_and_tse_terms(clip):
-    m = _method(clip, TransferableVisualPrompt, fca=0.5, tse=0.1)
+@pytest.fixture(scope="module")
+def tse_clip():
+    """A separate CLIP for TSE (the paper: a separate OpenAI ViT-B/32), other random weights."""
+    torch.manual_seed(1)
+    return CLIPBackbone(zoo_entry="clip-tiny", weights="random")
+
+
+def test_fca_and_tse_terms(clip, tse_clip):
+    m = _method(clip, TransferableVisualPrompt, fca=0.5, tse=0.1, tse_backbone=tse_clip)
+    assert m.scorer("tse").backbone is tse_clip and m.scorer("source").backbone is clip
     x, y = _batch()
     loss, parts = m.objective(x, y)
     assert parts["fca"] == pytest.approx(0.0, abs=1e-4)  # delta = 0: prompted == clean
-    # TSE against a hand computation: logit_scale (clamped at 100) * cos(image, text)
-    s = CLIPScorer(clip)
+    # TSE against a hand computation on the separate CLIP: logit_scale (clamped at 100) * cos(image, text)
+    s = CLIPScorer(tse_clip)
     clean = pad_image(x, 32, 24)
-    img = F.normalize(clip.encode_image(s.prepare(clean)), dim=-1)
-    txt = F.normalize(clip.encode_text(clip.tokenize([f"this is a photo of a {CLASSES[i]}" for i in y])), dim=-1)
-    want = (clip.logit_scale.clamp(max=100) * (img * txt).sum(-1)).mean()
+    img = F.normalize(tse_clip.encode_image(s.prepare(clean)), dim=-1)
+    txt = F.normalize(tse_clip.encode_text(tse_clip.tokenize([f"this is a photo of a {CLASSES[i]}" for i in y])), dim=-1)
+    want = (tse_clip.logit_scale.clamp(max=100) * (img * txt).sum(-1)).mean()
     assert parts["tse"] == pytest.approx(want.item(), rel=1e-4)
     assert loss.item() == pytest.approx(parts["task"] + 0.5 * parts["fca"] - 0.1 * parts["tse"], rel=1e-5)
     m.prompt_step(x, y, lr=1.0)
@@ -124,9 +134,9 @@ def test_fca_and_tse_terms(clip):
     assert parts2["fca"] > 0  # the prompted embedding now differs from the clean one
 
 
-def test_tse_gradient_changes_the_update(clip):
+def test_tse_gradient_changes_the_update(clip, tse_clip):
     x, y = _batch()
-    a, b = _method(clip), _method(clip, TransferableVisualPrompt, fca=0.0, tse=5.0)
+    a, b = _method(clip), _method(clip, TransferableVisualPrompt, fca=0.0, tse=5.0, tse_backbone=tse_clip)
     a.prompt_step(x, y, 1.0)
     b.prompt_step(x, y, 1.0)
     assert not torch.allclose(a.perturbation, b.perturbation)
@@ -229,3 +239,79 @@ def test_counting_writer_rejects_bad_max_count(tmp_path):
 
     with pytest.raises(DataError, match="max_count"):
         write_counting(tmp_path, max_count=9)
+
+
+# ---------------------------------------------------------------------------- the TSE model (issue 13 item 17)
+def test_tse_on_the_source_is_refused_unless_opted_in(clip):
+    x, y = _batch()
+    with pytest.raises(ValueError, match="needs a separate CLIP for TSE"):
+        _method(clip, TransferableVisualPrompt, tse=0.1)
+    with pytest.warns(UserWarning, match="TSE ON THE SOURCE MODEL"):
+        m = _method(clip, TransferableVisualPrompt, tse=0.1, tse_on_source=True)
+    assert m.scorer("tse") is m.scorer("source")
+    # tse = 0 (vp) needs no TSE model at all
+    assert "tse" not in _method(clip)._scorers
+
+
+def test_tse_checks_at_compose_time():
+    from prompttune.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match=r"method.tse=0.001 with method.tse_backbone=null"):
+        compose(None, ["method=tvp", "method.tse_backbone=null"])
+    with pytest.raises(ConfigError, match="is the source backbone itself"):
+        compose(None, ["method=tvp", "backbone=zoo_clip_s2"])
+    cfg = compose(None, ["method=tvp", "method.tse_backbone=null", "method.tse_on_source=true"])
+    assert cfg.method.tse_on_source is True
+    # the shipped default names a separate zoo CLIP; the paper card names OpenAI's ViT-B/32
+    assert compose(None, ["method=tvp"]).method.tse_backbone == "zoo_clip_s2"
+    card = compose(REPO / "experiments/paper/tvp_cifar10.yaml")
+    assert card.method.tse_backbone == "clip_vit_b32" and card.method.tse == 0.001 and card.method.fca == 0.005
+
+
+def test_default_tvp_builds_a_separate_tse_model_with_the_source_weights_setting(clip):
+    """setup() with the shipped config builds the TSE CLIP from its own config (zoo_clip_s2), with
+    the source's `weights` (random here: no zoo build), and it is a different model."""
+    from prompttune.config import compose
+    from prompttune.runs import kwargs_of
+
+    cfg = compose(None, ["method=tvp"])
+    m = TransferableVisualPrompt(**{**kwargs_of(cfg, "method"), "canvas_size": 32})
+    m.bind(clip, CLASSES)
+    tse = m.scorer("tse").backbone
+    assert tse is not clip and tse.name == "zoo:clip-tiny-s2(random)"
+    assert not torch.equal(tse.model.token_embedding.weight, clip.model.token_embedding.weight)
+
+
+def _official_tvp_step(delta, mask, clean, labels, task_loss, embed, tse_sim, fca, tse, lr):
+    """My transcription of the official update (transfer_cls.py:537-595): the perturbation is
+    repeated over the batch (noise), the loss is task + fca * mean ||E(x+noise) - E(x)|| - tse * TSE,
+    then noise.grad is averaged over the batch, L2-normalised over the whole canvas, masked to the
+    frame and subtracted with step lr."""
+    delta = delta.detach().clone().requires_grad_(True)
+    noise = delta.repeat(clean.shape[0], 1, 1, 1)
+    noise.retain_grad()
+    images = clean + noise
+    loss = task_loss(images)
+    if fca > 0:
+        loss = loss + fca * torch.norm(embed(images) - embed(clean).detach(), dim=-1).mean()
+    if tse > 0:
+        loss = loss - tse * tse_sim(images)
+    loss.backward()
+    g = noise.grad.mean(0).squeeze(0)
+    scaled = g / (torch.norm(g.view(-1), dim=0).view(1, 1, 1) + 1e-10)
+    return delta.detach() - scaled * mask * lr
+
+
+def test_tvp_update_matches_the_official_transcription(clip, tse_clip):
+    m = _method(clip, TransferableVisualPrompt, fca=0.3, tse=0.2, tse_backbone=tse_clip)
+    x, y = _batch()
+    with torch.no_grad():
+        m.perturbation.copy_(torch.randn_like(m.perturbation) * 0.1 * m.mask)  # a non-trivial prompt
+    src, tse_s = m.scorer("source"), m.scorer("tse")
+    texts = [f"this is a photo of a {CLASSES[int(c)]}" for c in y]
+    want = _official_tvp_step(
+        m.perturbation, m.mask, pad_image(x, 32, 24), y,
+        task_loss=lambda im: src.task_loss(im, y, CLASSES), embed=src.embed,
+        tse_sim=lambda im: tse_s.text_similarity(im, texts).mean(), fca=0.3, tse=0.2, lr=1.5)
+    m.prompt_step(x, y, lr=1.5)
+    torch.testing.assert_close(m.perturbation.detach(), want, rtol=0, atol=1e-6)

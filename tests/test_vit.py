@@ -98,13 +98,15 @@ def test_bad_checkpoints_are_rejected_clearly(tmp_path):
 
 
 def test_bad_options_are_rejected():
-    with pytest.raises(ValueError, match="pool must be one of auto, cls, avg"):
+    from prompttune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"backbone.pool='gap': expected one of auto, cls, avg"):
         tiny(pool="gap")
     with pytest.raises(ValueError, match="checkpoint_format"):
         tiny(checkpoint_format="jax")
     with pytest.raises(ValueError, match="has no source of weights"):
         ViTBackbone(model="vit_tiny_patch16_224", model_kwargs=TINY, weights="pretrained")
-    with pytest.raises(ValueError, match="unknown timm model 'vit_nope'"):
+    with pytest.raises(ConfigError, match="backbone.model='vit_nope': not a timm model"):
         ViTBackbone(model="vit_nope", weights="random")
 
 

@@ -8,16 +8,26 @@ Weights, in order of precedence:
   hub id such as ``Salesforce/blip2-opt-2.7b`` / ``Salesforce/blip2-flan-t5-xl`` (downloads,
   for users online). ``weights: random`` builds the same architecture untrained.
 
-BLIP-2 as released in transformers drops the Q-Former's text side (its word embeddings and
-the text feed-forward of each layer), which MMICT's M-Hub needs (instruction text enters
-the Q-Former with the queries, as in LAVIS / InstructBLIP). This wrapper therefore holds a
-frozen ``qformer_text_embeddings`` (``Blip2TextEmbeddings``) next to the HF model: loaded from
-``qformer_text_embeddings.safetensors`` in the model folder when present (the zoo and
-:func:`save_blip2` write it), otherwise freshly initialised (N(0, 0.02)) with a warning --
-the M-Hub trains it in its own copy either way. A Q-Former without the text feed-forward
-(``use_qformer_text_input: false``, all released checkpoints) gets it from the query
-feed-forward when a method copies the Q-Former (:func:`qformer_with_text_ffn`), which is how
-LAVIS initialises InstructBLIP's text branch in reverse.
+BLIP-2 as released in transformers drops the Q-Former's text side (its word and position
+embeddings and the text feed-forward of each layer), which MMICT's M-Hub needs (instruction text
+enters the Q-Former with the queries, as in LAVIS / InstructBLIP). Official MMICT/LAVIS take these
+from the LAVIS checkpoint (``Qformer.bert.*``), itself started from bert-base-uncased. Here
+(``qformer_text_source`` records which):
+
+* the zoo and :func:`save_blip2` folders carry them (``qformer_text_embeddings.safetensors`` and a
+  Q-Former saved with ``use_qformer_text_input``);
+* ``qformer_text_from: PATH.pth`` loads them from a LAVIS BLIP-2 checkpoint (weights only);
+  ``qformer_text_from: bert-base-uncased`` (or a BERT folder) from BERT through transformers;
+* with released weights and neither, methods that feed text to the Q-Former raise a
+  ``ConfigError`` naming both remedies, unless ``qformer_text_random: true`` asks for a random
+  start (N(0, 0.02) embeddings; the text feed-forward copied from the query feed-forward,
+  :func:`qformer_with_text_ffn`).
+
+Preprocessing (the datamodules' ``SquashTransform``): the whole image is resized to
+size x size, as LAVIS ``blip_image_eval`` and HF's ``BlipImageProcessor`` do -- no crop.
+The Q-Former's text is tokenised with special tokens (``[CLS] ... [SEP]`` with
+bert-base-uncased, LAVIS ``init_tokenizer``); Flan-T5 instructions end with ``</s>``
+(:meth:`Blip2Backbone.prompt_ids`).
 
 Image tokens (transformers >= 4.46/5.x): ``Blip2ForConditionalGeneration`` expects
 ``num_query_tokens`` copies of ``config.image_token_id`` in ``input_ids``, which it
@@ -41,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prompttune.backbones import zoo
+from prompttune import zoo
 from prompttune.backbones.base import FrozenBackbone
 from prompttune.registry import BACKBONES
 
@@ -192,10 +202,104 @@ def run_qformer(qformer: nn.Module, query_tokens: torch.Tensor, image_embeds: to
     return out.last_hidden_state
 
 
+QFORMER_TEXT_REMEDY = ("set backbone.qformer_text_from to a LAVIS BLIP-2 checkpoint (.pth, whose Qformer.bert.* keys "
+                       "hold them, e.g. blip2_pretrained_flant5xl.pth) or to bert-base-uncased (a transformers id or "
+                       "folder; what LAVIS initialises them from); or set backbone.qformer_text_random=true to "
+                       "start them at random knowingly")
+
+
+def _load_torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """A LAVIS checkpoint: ``{"model": state_dict, ...}`` or a bare state dict; tensors only."""
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - name the file and the cause
+        raise ValueError(f"backbone.qformer_text_from={str(path)!r}: cannot read it as a PyTorch checkpoint "
+                         f"(weights only): {err}") from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"backbone.qformer_text_from={str(path)!r}: expected a state dict (or {{'model': state dict}})")
+    return state
+
+
+def qformer_text_state_from_lavis(state: dict[str, torch.Tensor], num_layers: int, source: str = "checkpoint"
+                                  ) -> dict[str, torch.Tensor]:
+    """Map LAVIS ``Qformer.bert.*`` text-path keys to prompttune's names:
+    ``embeddings.{word,position}_embeddings.weight`` and ``layer.{i}.{intermediate,output}.*``."""
+    pre = "Qformer.bert."
+    out: dict[str, torch.Tensor] = {}
+    for name in ("word_embeddings", "position_embeddings"):
+        key = f"{pre}embeddings.{name}.weight"
+        if key not in state:
+            raise ValueError(f"{source}: no {key!r}; a LAVIS BLIP-2 checkpoint holds the Q-Former text path under "
+                             f"'Qformer.bert.*' (found e.g. {sorted(state)[:3]})")
+        out[f"embeddings.{name}.weight"] = state[key]
+    for i in range(num_layers):
+        for part in ("intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight", "output.dense.bias",
+                     "output.LayerNorm.weight", "output.LayerNorm.bias"):
+            key = f"{pre}encoder.layer.{i}.{part}"
+            if key not in state:
+                raise ValueError(f"{source}: no {key!r} (the text feed-forward of Q-Former layer {i})")
+            out[f"layer.{i}.{part}"] = state[key]
+    return out
+
+
+def qformer_text_state_from_bert(bert: nn.Module, num_layers: int) -> dict[str, torch.Tensor]:
+    """The same parts from a transformers ``BertModel`` (LAVIS ``init_Qformer`` starts from bert-base-uncased)."""
+    sd = bert.state_dict()
+    if len(bert.encoder.layer) < num_layers:
+        raise ValueError(f"the BERT model has {len(bert.encoder.layer)} layers; the Q-Former needs {num_layers}")
+    out = {f"embeddings.{n}.weight": sd[f"embeddings.{n}.weight"] for n in ("word_embeddings", "position_embeddings")}
+    for i in range(num_layers):
+        for part in ("intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight", "output.dense.bias",
+                     "output.LayerNorm.weight", "output.LayerNorm.bias"):
+            out[f"layer.{i}.{part}"] = sd[f"encoder.layer.{i}.{part}"]
+    return out
+
+
+def install_qformer_text(model: nn.Module, text_embeddings: nn.Module, state: dict[str, torch.Tensor],
+                         source: str) -> nn.Module:
+    """Load the Q-Former text path into ``model.qformer`` (adding each layer's text feed-forward when
+    the checkpoint was saved without it) and into a new ``Blip2TextEmbeddings`` sized as the source."""
+    from transformers.models.blip_2.modeling_blip_2 import (Blip2QFormerIntermediate, Blip2QFormerOutput,
+                                                            Blip2TextEmbeddings)
+
+    qcfg = model.config.qformer_config
+    word = state["embeddings.word_embeddings.weight"]
+    pos = state["embeddings.position_embeddings.weight"]
+    if word.shape[1] != qcfg.hidden_size or pos.shape[1] != qcfg.hidden_size:
+        raise ValueError(f"{source}: text embeddings of width {word.shape[1]}, but the Q-Former is "
+                         f"{qcfg.hidden_size} wide")
+    tcfg = copy.deepcopy(qcfg)
+    tcfg.vocab_size, tcfg.max_position_embeddings = int(word.shape[0]), int(pos.shape[0])
+    text = Blip2TextEmbeddings(tcfg)
+    text.word_embeddings.weight.data.copy_(word.float())
+    text.position_embeddings.weight.data.copy_(pos.float())
+    for i, layer in enumerate(model.qformer.encoder.layer):
+        if not hasattr(layer, "intermediate"):
+            layer.intermediate = Blip2QFormerIntermediate(qcfg)
+            layer.output = Blip2QFormerOutput(qcfg)
+        for part in ("intermediate", "output"):
+            sub = {k[len(f"layer.{i}.{part}."):]: v.float() for k, v in state.items()
+                   if k.startswith(f"layer.{i}.{part}.")}
+            try:
+                getattr(layer, part).load_state_dict(sub)
+            except RuntimeError as err:
+                raise ValueError(f"{source}: the text feed-forward of layer {i} does not fit the Q-Former: {err}") from None
+    model.config.qformer_config.use_qformer_text_input = True
+    model.qformer.config.use_qformer_text_input = True
+    return text
+
+
 @BACKBONES.register("blip2")
 class Blip2Backbone(FrozenBackbone):
+    """Frozen BLIP-2. ``qformer_text_source`` records where the Q-Former's text path came from:
+    ``zoo``, ``folder`` (``qformer_text_embeddings.safetensors`` beside a save_pretrained model),
+    ``lavis:PATH``, ``bert:ID``, ``random`` (asked for) or ``missing`` (released HF weights and
+    no source given: methods that feed text to the Q-Former refuse to start)."""
+
     def __init__(self, model: str | None = None, zoo_entry: str | None = None, weights: str = "pretrained",
-                 qformer_tokenizer: str | None = None, **_: Any):
+                 qformer_tokenizer: str | None = None, qformer_text_from: str | None = None,
+                 qformer_text_random: bool = False, **_: Any):
         super().__init__()
         if weights not in ("pretrained", "random"):
             raise ValueError(f"backbone.weights must be 'pretrained' or 'random', not {weights!r}")
@@ -209,6 +313,7 @@ class Blip2Backbone(FrozenBackbone):
             self.model, self.qformer_text_embeddings = unit.blip2, unit.qformer_text_embeddings
             self.tokenizer = make_world_tokenizer()
             self.name = f"zoo:{zoo_entry}" + ("" if weights == "pretrained" else "(random)")
+            self.qformer_text_source = "zoo"
         else:
             from transformers import AutoConfig, AutoTokenizer, Blip2ForConditionalGeneration
 
@@ -222,16 +327,29 @@ class Blip2Backbone(FrozenBackbone):
             self.tokenizer = AutoTokenizer.from_pretrained(str(model))
             self.qformer_text_embeddings = Blip2TextEmbeddings(self.model.config.qformer_config)
             text_file = folder / QFORMER_TEXT_FILE
-            if folder.is_dir() and text_file.is_file() and weights == "pretrained":
+            if weights == "random":
+                self._random_text()
+                self.qformer_text_source = "random"
+            elif qformer_text_from:
+                self._load_text_from(str(qformer_text_from))
+            elif folder.is_dir() and text_file.is_file():
                 from safetensors.torch import load_file
 
-                self.qformer_text_embeddings.load_state_dict(load_file(str(text_file)))
-            else:
-                nn.init.normal_(self.qformer_text_embeddings.word_embeddings.weight, std=0.02)
-                nn.init.normal_(self.qformer_text_embeddings.position_embeddings.weight, std=0.02)
-                if weights == "pretrained":
-                    warnings.warn(f"{model}: no {QFORMER_TEXT_FILE}; the Q-Former text embeddings start random "
-                                  "(methods that feed text to the Q-Former train them)", stacklevel=2)
+                state = load_file(str(text_file))
+                tcfg = copy.deepcopy(self.model.config.qformer_config)  # sized as saved (LAVIS adds [DEC])
+                tcfg.vocab_size = int(state["word_embeddings.weight"].shape[0])
+                tcfg.max_position_embeddings = int(state["position_embeddings.weight"].shape[0])
+                self.qformer_text_embeddings = Blip2TextEmbeddings(tcfg)
+                self.qformer_text_embeddings.load_state_dict(state)
+                self.qformer_text_source = "folder"
+            elif qformer_text_random:
+                self._random_text()
+                warnings.warn(f"{model}: the Q-Former text embeddings start random (backbone.qformer_text_random=true); "
+                              "official MMICT/LAVIS take them from the LAVIS checkpoint / bert-base-uncased", stacklevel=2)
+                self.qformer_text_source = "random"
+            else:  # methods that need the text path raise (see require_qformer_text)
+                self._random_text()
+                self.qformer_text_source = "missing"
             self.name = f"{model}" + ("" if weights == "pretrained" else "(random)")
         self.qformer_tokenizer = self.tokenizer
         if qformer_tokenizer:  # e.g. bert-base-uncased for released checkpoints (LAVIS uses it)
@@ -244,6 +362,43 @@ class Blip2Backbone(FrozenBackbone):
         self.mean = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2's processor (OpenAI CLIP statistics)
         self.std = (0.26862954, 0.26130258, 0.27577711)
         self.freeze()
+
+    def _random_text(self) -> None:
+        nn.init.normal_(self.qformer_text_embeddings.word_embeddings.weight, std=0.02)
+        nn.init.normal_(self.qformer_text_embeddings.position_embeddings.weight, std=0.02)
+
+    def _load_text_from(self, source: str) -> None:
+        n_layers = len(self.model.qformer.encoder.layer)
+        path = Path(source).expanduser()
+        if path.is_file():  # a LAVIS checkpoint
+            state = _load_torch_state(path)
+            if "query_tokens" in state and state["query_tokens"].shape == self.model.query_tokens.shape:
+                if not torch.allclose(state["query_tokens"].float(), self.model.query_tokens.float(), atol=1e-2):
+                    warnings.warn(f"{source}: its query tokens differ from the loaded BLIP-2's; the text path may come "
+                                  "from a different checkpoint", stacklevel=3)
+            parts = qformer_text_state_from_lavis(state, n_layers, source=f"backbone.qformer_text_from={source!r}")
+            self.qformer_text_source = f"lavis:{path.name}"
+        else:  # a BERT model: transformers id or save_pretrained folder
+            from transformers import BertModel
+
+            try:
+                bert = BertModel.from_pretrained(source)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"backbone.qformer_text_from={source!r} is neither a LAVIS checkpoint file nor a "
+                                 f"BERT model transformers can load: {err}") from None
+            parts = qformer_text_state_from_bert(bert, n_layers)
+            self.qformer_text_source = f"bert:{source}"
+        self.qformer_text_embeddings = install_qformer_text(self.model, self.qformer_text_embeddings, parts,
+                                                            f"backbone.qformer_text_from={source!r}")
+
+    def require_qformer_text(self, who: str) -> None:
+        """Methods that feed text to the Q-Former call this: never a silent random start."""
+        if self.qformer_text_source == "missing":
+            from prompttune.config import ConfigError
+
+            raise ConfigError(f"{who} feeds text to the Q-Former, but {self.name} has no Q-Former word/position "
+                              f"embeddings or text feed-forward (released HF BLIP-2 checkpoints drop them): "
+                              + QFORMER_TEXT_REMEDY)
 
     def _check_tokenizers(self) -> None:
         cfg = self.model.config
@@ -287,16 +442,29 @@ class Blip2Backbone(FrozenBackbone):
 
     # ------------------------------------------------------------------ vision
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, pre_ln: bool = False) -> torch.Tensor:
         """Frozen ViT tokens: [B,3,H,W] -> [B,N,Dv]; video [B,T,3,H,W] -> [B,T*N,Dv] (frames
-        concatenated along the token axis, as MMICT feeds multi-image segments)."""
+        concatenated along the token axis, as MMICT feeds multi-image segments).
+
+        ``pre_ln=True`` stops before the ViT's final LayerNorm (HF ``post_layernorm`` = LAVIS
+        ``ln_vision``), for methods that train their own copy of it as official MMICT does."""
         if images.dim() == 5:
             b, t = images.shape[:2]
-            feats = self.model.vision_model(pixel_values=images.flatten(0, 1), return_dict=True).last_hidden_state
+            feats = self._vit(images.flatten(0, 1), pre_ln)
             return feats.reshape(b, t * feats.shape[1], feats.shape[2])
         if images.dim() != 4:
             raise ValueError(f"images must be [B,3,H,W] or [B,T,3,H,W], got shape {tuple(images.shape)}")
-        return self.model.vision_model(pixel_values=images, return_dict=True).last_hidden_state
+        return self._vit(images, pre_ln)
+
+    def _vit(self, pixels: torch.Tensor, pre_ln: bool) -> torch.Tensor:
+        vm = self.model.vision_model
+        if not pre_ln:
+            return vm(pixel_values=pixels, return_dict=True).last_hidden_state
+        return vm.encoder(inputs_embeds=vm.embeddings(pixels), return_dict=True).last_hidden_state
+
+    @property
+    def ln_vision(self) -> nn.Module:
+        return self.model.vision_model.post_layernorm
 
     @torch.no_grad()
     def pooled_image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -307,12 +475,36 @@ class Blip2Backbone(FrozenBackbone):
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: list[str], add_eos: bool = False, qformer: bool = False,
                  max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and mask. The Q-Former side adds the tokenizer's special tokens
+        (``[CLS] text [SEP]`` with bert-base-uncased, as LAVIS tokenises the Q-Former's text);
+        the LM side adds none (``add_eos`` appends EOS, for targets)."""
         tok = self.qformer_tokenizer if qformer else self.tokenizer
         if add_eos:
             texts = [t + tok.eos_token for t in texts]
         enc = tok(list(texts), padding="longest", truncation=True, max_length=max_length,
-                  add_special_tokens=False, return_tensors="pt")
+                  add_special_tokens=qformer, return_tensors="pt")
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    def prompt_ids(self, prompts: list[str], max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM ids of instructions as BLIP-2's processor builds them: an encoder-decoder (Flan-T5)
+        prompt ends with ``</s>`` (the T5 tokenizer's ``add_special_tokens``; MMICT
+        ``blip2_t5.py`` tokenises with it); decoder-only prompts have none here (the BOS comes
+        from :meth:`bos_embedding`, after the image tokens)."""
+        ids, mask = self.tokenize(prompts, max_length=max_length)
+        if not self.is_encoder_decoder:
+            return ids, mask
+        eos = self.tokenizer.eos_token_id
+        lengths = mask.sum(1)
+        out = ids.new_full((ids.shape[0], ids.shape[1] + 1), self.tokenizer.pad_token_id)
+        out_mask = mask.new_zeros(out.shape)
+        for i, n in enumerate(lengths.tolist()):
+            row = ids[i, :n]
+            if n == 0 or int(row[-1]) != eos:
+                row = torch.cat([row, row.new_tensor([eos])])
+            out[i, :len(row)] = row
+            out_mask[i, :len(row)] = 1
+        keep = int(out_mask.sum(1).max())
+        return out[:, :keep], out_mask[:, :keep]
 
     def lm_embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
@@ -325,8 +517,11 @@ class Blip2Backbone(FrozenBackbone):
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def hf_prompt_ids(self, prompts: list[str]) -> torch.Tensor:
-        """HF-style ``input_ids``: ``num_query_tokens`` image tokens, BOS (decoder-only), prompt."""
-        ids, _ = self.tokenize(prompts)
+        """HF-style ``input_ids`` (what ``Blip2Processor`` gives): ``num_query_tokens`` image tokens,
+        then BOS + prompt (decoder-only) or prompt + ``</s>`` (Flan-T5). One prompt length only."""
+        ids, mask = self.prompt_ids(prompts)
+        if not bool(mask.all()):
+            raise ValueError("hf_prompt_ids needs prompts of one token length (HF would pad them)")
         n = ids.shape[0]
         img = torch.full((n, self.num_query_tokens), self.model.config.image_token_id, dtype=torch.long, device=ids.device)
         parts = [img]
@@ -366,114 +561,3 @@ class Blip2Backbone(FrozenBackbone):
         if self.is_encoder_decoder or self.tokenizer.bos_token_id is None:
             return None
         return self.lm_embed(torch.tensor([self.tokenizer.bos_token_id], device=self.device))
-
-
-# ------------------------------------------------------------------ zoo: blip2-tiny
-def _world_pairs(n: int, seed: int) -> tuple[list[str], list[str], list[str]]:
-    """(image path, instruction, target) triples from synthetic COCO captions + VQAv2 data."""
-    from prompttune.config import cache_dir
-    from prompttune.data.coco_captions import read_karpathy
-    from prompttune.data.image_folder import ensure_synthetic
-    from prompttune.data.vqav2 import read_vqav2, vqa_prompt
-
-    cap_root = cache_dir() / "data" / f"world-coco-pretrain-{n}-s{seed}"
-    ensure_synthetic({"kind": "coco_captions", "n_train": n, "n_val": 0, "n_test": 0, "seed": seed,
-                      "style": "pretrain"}, cap_root)
-    vqa_root = cache_dir() / "data" / f"world-vqa-pretrain-{n}-s{seed}"
-    ensure_synthetic({"kind": "vqav2", "n_train": n // 2, "n_val": 0, "n_test": 0, "seed": seed + 1,
-                      "style": "pretrain"}, vqa_root)
-    paths, prompts, targets = [], [], []
-    for r in read_karpathy(cap_root / "dataset_coco.json", cap_root, "train"):
-        for c in r["refs"]:
-            paths.append(r["path"]); prompts.append("a photo of"); targets.append(c)
-    for r in read_vqav2(vqa_root, "train", "{split}2014/COCO_{split}2014_{image_id:012d}.png"):
-        paths.append(r["path"]); prompts.append(vqa_prompt(r["question"])); targets.append(r["answer"])
-    return paths, prompts, targets
-
-
-def pretrain_blip2(unit: Blip2WithQFormerText, folder: Path, n: int = 1500, steps: int = 600, batch_size: int = 32,
-                   lr: float = 1e-3, seed: int = 0) -> dict[str, Any]:
-    """Generative (stage-2 style) pretraining of every part on synthetic captions and VQA.
-
-    The Q-Former sees the instruction with its queries (InstructBLIP-style), so its text
-    path -- which the M-Hub reuses for demonstrations -- is trained too. No in-context
-    demonstrations are seen here: learning to use them is the tuning methods' job.
-    (lr 3e-3 collapses the Q-Former's cross-attention -- outputs stop depending on the
-    image -- so 1e-3 with one-cycle.)
-    """
-    threads = torch.get_num_threads()
-    try:
-        # matrices this small gain nothing from intra-op threads, and lose much on a shared CPU
-        torch.set_num_threads(1)
-        return _pretrain(unit, folder, n, steps, batch_size, lr, seed)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _pretrain(unit, folder, n, steps, batch_size, lr, seed):
-    from tqdm.auto import tqdm
-
-    from prompttune.data.base import ImageTransform, read_image
-
-    torch.manual_seed(seed)
-    paths, prompts, targets = _world_pairs(n, seed)
-    model, text_emb = unit.blip2, unit.qformer_text_embeddings
-    size = model.config.vision_config.image_size
-    tf = ImageTransform(size, Blip2Backbone.mean, Blip2Backbone.std)
-    uniq = sorted(set(paths))
-    pix = torch.stack([tf(read_image(p)) for p in uniq])
-    row = {p: i for i, p in enumerate(uniq)}
-    img_idx = torch.tensor([row[p] for p in paths])
-    tok = make_world_tokenizer()
-    p_ids = tok(prompts, padding="longest", add_special_tokens=False, return_tensors="pt")
-    t_ids = tok([t + tok.eos_token for t in targets], padding="longest", add_special_tokens=False, return_tensors="pt")
-    params = list(model.parameters()) + list(text_emb.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    bos = torch.tensor([tok.bos_token_id])
-    nq = model.config.num_query_tokens
-    loss_v = float("nan")
-    bar = tqdm(total=steps, desc="zoo blip2-tiny: generative pretraining", unit="step")
-    for step in range(steps):
-        idx = torch.randint(len(paths), (batch_size,), generator=g)
-        img = model.vision_model(pixel_values=pix[img_idx[idx]], return_dict=True).last_hidden_state
-        pi, pm = p_ids.input_ids[idx], p_ids.attention_mask[idx]
-        keep = int(pm.sum(1).max())
-        pi, pm = pi[:, :keep], pm[:, :keep]
-        hidden = run_qformer(model.qformer, model.query_tokens, img, text_emb, pi, pm)[:, :nq]
-        vis = model.language_projection(hidden)
-        emb = model.get_input_embeddings()
-        prefix = torch.cat([vis, emb(bos).expand(batch_size, 1, -1), emb(pi)], dim=1)
-        pmask = torch.cat([torch.ones(batch_size, nq + 1, dtype=torch.long), pm], dim=1)
-        ti, tm = t_ids.input_ids[idx], t_ids.attention_mask[idx]
-        keep = int(tm.sum(1).max())
-        ti, tm = ti[:, :keep], tm[:, :keep]
-        embeds = torch.cat([prefix, emb(ti)], dim=1)
-        mask = torch.cat([pmask, tm], dim=1)
-        logits = model.language_model(inputs_embeds=embeds, attention_mask=mask, return_dict=True).logits
-        logits = logits[:, prefix.shape[1] - 1:-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ti.masked_fill(tm == 0, -100).reshape(-1),
-                               ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_v = float(loss.detach())
-        bar.set_postfix(loss=f"{loss_v:.3f}")
-        bar.update()
-    bar.close()
-    model.eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(folder / "tokenizer")  # the HF format, for users who load the zoo folder elsewhere
-    return {"pairs": len(paths), "steps": steps, "final_loss": round(loss_v, 4)}
-
-
-zoo.register(zoo.ZooEntry(
-    name="blip2-tiny", backbone="blip2",
-    description="BLIP-2 (ViT 2x64 @32px/8, Q-Former 2x64 with 8 queries + text path, OPT 2x64), "
-                "generative pretraining on synthetic-world captions and VQA",
-    make_model=make_tiny_blip2, pretrain=pretrain_blip2, version="3",
-))

@@ -2,52 +2,139 @@
 
 Weights, in order of precedence: a zoo entry (``zoo: clip-tiny``, built offline on the
 synthetic world), a local checkpoint file (``checkpoint: path``; open_clip or OpenAI
-state-dict keys, loaded weights-only), or an open_clip model name with a pretrained tag
-(``model: ViT-B-32, pretrained: laion2b_s34b_b79k``: downloads, for users online).
+state-dict keys, loaded weights-only, or OpenAI's released TorchScript archive), or an
+open_clip model name with a pretrained tag (``model: ViT-B-32, pretrained: laion2b_s34b_b79k``:
+downloads, for users online).
+
+**Activation.** OpenAI's CLIP weights were trained with QuickGELU (``x * sigmoid(1.702 x)``);
+open_clip's plain ``ViT-B-32`` / ``ViT-B-16`` configs build ``nn.GELU`` and only warn when
+OpenAI weights are loaded into them (and the ``checkpoint:`` route does not warn at all), which
+shifts every feature. ``quick_gelu: null`` (auto) builds the activation the weights were
+trained with: QuickGELU when the model name says so (``ViT-B-32-quickgelu``), when the
+``pretrained`` tag's open_clip metadata says so (``openai`` and the other QuickGELU tags; on
+the checkpoint route ``pretrained`` names the file's provenance), or when the checkpoint is
+OpenAI's TorchScript release; GELU otherwise (laion/datacomp tags). ``true``/``false`` forces it.
+The built activation is recorded in the backbone's name (``+quickgelu``).
 """
 
 from __future__ import annotations
 
-import math
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from prompttune import zoo
 from prompttune.backbones.base import FrozenBackbone
-from prompttune.backbones import zoo
 from prompttune.registry import BACKBONES
 from prompttune.utils import torch_load_trusted
+
+# keys of OpenAI's TorchScript state dict that are not parameters (open_clip drops them too)
+_OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """OpenAI's released ``ViT-B-32.pt`` files are TorchScript archives (a zip with ``code/``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any("/code/" in name or name.startswith("code/") for name in zf.namelist())
+
+
+def wants_quick_gelu(model: str, pretrained: str | None, quick_gelu: bool | None = None,
+                     torchscript: bool = False) -> bool:
+    """Whether the weights of (model, pretrained tag) were trained with QuickGELU (see module doc)."""
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(model) or {}
+    in_name = bool(model_cfg.get("quick_gelu", False))
+    tag_cfg = (open_clip.get_pretrained_cfg(model, pretrained) or {}) if pretrained else {}
+    if quick_gelu is not None:
+        if in_name and not quick_gelu:
+            raise ValueError(f"backbone.quick_gelu=false, but open_clip model {model!r} is built with QuickGELU; "
+                             f"choose the GELU model name (e.g. {model.replace('-quickgelu', '')!r})")
+        if tag_cfg and bool(tag_cfg.get("quick_gelu", False)) != bool(quick_gelu):
+            warnings.warn(f"backbone.quick_gelu={quick_gelu} overrides the activation that the {pretrained!r} "
+                          f"weights of {model} were trained with (quick_gelu={bool(tag_cfg.get('quick_gelu'))})",
+                          stacklevel=3)
+        return bool(quick_gelu)
+    return in_name or bool(tag_cfg.get("quick_gelu", False)) or torchscript
+
+
+def load_clip_state(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A CLIP state dict from a file, and whether it is OpenAI's TorchScript release.
+
+    State dicts (``.pt``/``.bin``/``.safetensors``, optionally under ``state_dict`` and with
+    DDP's ``module.`` prefix) load weights-only; TorchScript archives through ``torch.jit.load``
+    (which deserialises TorchScript, not pickled Python objects).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if is_torchscript_archive(path):
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        # a traced archive may carry the causal mask, a non-persistent buffer in open_clip
+        return {k: v for k, v in state.items() if k not in _OPENAI_META_KEYS + ("attn_mask",)}, True
+    state = torch_load_trusted(path)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if k not in _OPENAI_META_KEYS}, False
+
+
+def activation_of(model: nn.Module) -> str:
+    """``quick_gelu`` or ``gelu``: the activation the built transformer blocks actually use."""
+    from open_clip.transformer import QuickGELU
+
+    acts = {type(m) for m in model.modules() if isinstance(m, (QuickGELU, nn.GELU))}
+    if acts == {QuickGELU}:
+        return "quick_gelu"
+    if acts == {nn.GELU}:
+        return "gelu"
+    return "+".join(sorted(a.__name__ for a in acts)) or "none"
 
 
 @BACKBONES.register("clip")
 class CLIPBackbone(FrozenBackbone):
     def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None, checkpoint: str | None = None,
-                 zoo_entry: str | None = None, weights: str = "pretrained", **_: Any):
+                 zoo_entry: str | None = None, weights: str = "pretrained", quick_gelu: bool | None = None,
+                 **_: Any):
         super().__init__()
         import open_clip
 
+        self.weights = weights  # pretrained | random: models built beside this one (TVP's TSE CLIP) follow it
         if zoo_entry:
             self.model = zoo.load_model(zoo_entry, weights)
             self.name = f"zoo:{zoo_entry}" + ("" if weights == "pretrained" else f"({weights})")
             ctx = self.model.context_length
             self._tokenizer = open_clip.SimpleTokenizer(context_length=ctx)
         else:
-            register_tiny_config()
+            from prompttune.zoo.clip_tiny import register_tiny_config
+
+            register_tiny_config()  # the zoo architecture is an open_clip name too
             if checkpoint:
-                self.model = open_clip.create_model(model, pretrained=None)
-                state = torch_load_trusted(checkpoint)
-                state = state.get("state_dict", state) if isinstance(state, dict) else state
-                state = {k.removeprefix("module."): v for k, v in state.items()}
+                state, torchscript = load_clip_state(checkpoint)
+                qg = wants_quick_gelu(model, pretrained, quick_gelu, torchscript)
+                self.model = open_clip.create_model(model, pretrained=None, force_quick_gelu=qg)
                 self.model.load_state_dict(state, strict=True)
                 self.name = f"{model}:{Path(checkpoint).name}"
             else:
                 tag = None if weights == "random" else pretrained
-                self.model = open_clip.create_model(model, pretrained=tag)
+                # the activation follows the configured tag even for random weights: the
+                # architecture is the one those weights need
+                qg = wants_quick_gelu(model, pretrained, quick_gelu)
+                with warnings.catch_warnings():
+                    # open_clip's mismatch warning cannot fire any more: the activation matches the tag
+                    warnings.filterwarnings("ignore", message="QuickGELU mismatch")
+                    self.model = open_clip.create_model(model, pretrained=tag, force_quick_gelu=qg)
                 self.name = f"{model}:{tag or 'random'}"
             self._tokenizer = open_clip.get_tokenizer(model)
+        self.activation = activation_of(self.model)
+        if self.activation == "quick_gelu" and "quickgelu" not in self.name:
+            self.name += "+quickgelu"
         visual = self.model.visual
         size = getattr(visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -96,95 +183,3 @@ class CLIPBackbone(FrozenBackbone):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
-
-
-# ------------------------------------------------------------------ zoo: clip-tiny
-TINY_CLIP = dict(
-    embed_dim=128,
-    vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0),
-    text_cfg=dict(context_length=24, vocab_size=49408, width=128, heads=4, layers=3),
-)
-
-
-TINY_NAME = "prompttune-clip-tiny"
-
-
-def register_tiny_config() -> None:
-    """Make the zoo architecture an open_clip model name, so a tiny checkpoint saved in open_clip's
-    format loads exactly as a real one does (``model: prompttune-clip-tiny, checkpoint: file``)."""
-    import json
-    import tempfile
-
-    import open_clip
-
-    if TINY_NAME in open_clip.list_models():
-        return
-    folder = Path(tempfile.mkdtemp(prefix="prompttune-openclip-cfg-"))
-    (folder / f"{TINY_NAME}.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder)
-
-
-def make_tiny_clip() -> nn.Module:
-    import open_clip
-
-    return open_clip.CLIP(**TINY_CLIP)
-
-
-def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 12, batch_size: int = 128,
-                  lr: float = 2e-3, seed: int = 0, p_subcategory: float = 0.8) -> dict[str, Any]:
-    """Contrastive (InfoNCE both ways) pretraining on synthetic-world image-caption pairs."""
-    import open_clip
-    from tqdm.auto import tqdm
-
-    from prompttune.config import cache_dir
-    from prompttune.data.base import ImageTransform, read_image
-    from prompttune.data.captions import read_caption_csv
-    from prompttune.data.image_folder import ensure_synthetic
-
-    root = cache_dir() / "data" / f"world-captions-{n}-s{seed}"
-    ensure_synthetic({"kind": "captions", "n": n, "side": 32, "seed": seed, "p_subcategory": p_subcategory}, root)
-    rows = read_caption_csv(root / "captions.csv")
-    tf = ImageTransform(32, CLIPBackbone.mean, CLIPBackbone.std)
-    images = torch.stack([tf(read_image(p)) for p, _ in rows])
-    tok = open_clip.SimpleTokenizer(context_length=model.context_length)
-    texts = tok([c for _, c in rows])
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    steps = epochs * math.ceil(len(rows) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    bar = tqdm(total=steps, desc=f"zoo {Path(folder).parent.name}: contrastive pretraining", unit="step")
-    loss_v = float("nan")
-    for _ in range(epochs):
-        perm = torch.randperm(len(rows), generator=g)
-        for i in range(0, len(rows), batch_size):
-            idx = perm[i:i + batch_size]
-            img_f = F.normalize(model.encode_image(images[idx]), dim=-1)
-            txt_f = F.normalize(model.encode_text(texts[idx]), dim=-1)
-            logits = model.logit_scale.exp() * img_f @ txt_f.T
-            target = torch.arange(len(idx))
-            # duplicate captions are frequent in a small world: treat identical texts as positives
-            same = (texts[idx][:, None, :] == texts[idx][None, :, :]).all(-1).float()
-            soft = same / same.sum(1, keepdim=True)
-            loss = 0.5 * (torch.sum(-soft * logits.log_softmax(1), 1).mean()
-                          + torch.sum(-soft * logits.T.log_softmax(1), 1).mean())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            loss_v = float(loss.detach())
-            bar.set_postfix(loss=f"{loss_v:.3f}")
-            bar.update()
-            del target
-    bar.close()
-    model.eval()
-    return {"pairs": len(rows), "epochs": epochs, "final_loss": round(loss_v, 4)}
-
-
-zoo.register(zoo.ZooEntry(
-    name="clip-tiny", backbone="clip",
-    description="open_clip CLIP (ViT 4x128, 32px, patch 8; text 3x128), contrastive on synthetic-world captions",
-    make_model=make_tiny_clip, pretrain=pretrain_clip, version="2",
-))

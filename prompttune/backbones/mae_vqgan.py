@@ -19,16 +19,17 @@ files users have load as they are:
 
 Pixel conventions: canvases are passed in [0, 1]. The MAE sees them ImageNet-normalised (as
 the official evaluation does); the VQGAN sees ``2x - 1`` (its ``map_pixels`` applied to a
-normalised canvas) and decodes to [0, 1] (``unmap_pixels``).
-Departures: the official *training* loop feeds un-normalised canvases to the MAE; here training
-and evaluation both normalise (one input distribution for the frozen model). The masked
-quadrant is given as a fixed boolean token mask instead of an ``ids_shuffle`` permutation: the
-same visible set, in the same order.
+normalised canvas) and decodes to [0, 1] (``unmap_pixels``). The official *training* loop feeds
+the MAE un-normalised canvases and tokenises the un-normalised label canvas; both are
+selectable (``predict_logits(normalise=False)``, ``tokenize(official_unnormalised=True)``; the
+methods' ``official_train_norm`` / ``official_target_norm``). The masked quadrant is given as a
+fixed boolean token mask instead of an ``ids_shuffle`` permutation: the same visible set, in
+the same order.
 
 Presets: ``large`` (ViT-L/16, 24x1024, decoder 8x512, 224 px, VQGAN f16 with 1024 codes) and
-``tiny`` (the offline zoo: 64 px canvases, patch 8, 3x96 encoder, 2x96 decoder, VQ f8 with
-128 codes), pretrained by prompttune on synthetic-world canvases (``prompttune zoo build
-mae-vqgan-tiny``).
+``tiny`` (64 px canvases, patch 8, 3x96 encoder, 2x96 decoder, VQ f8 with 128 codes). The zoo
+entry ``mae-vqgan-tiny`` (``prompttune/zoo/mae_vqgan_tiny.py``) is ``tiny`` with 512 codes,
+pretrained by prompttune on synthetic-world canvases (``prompttune zoo build mae-vqgan-tiny``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prompttune.backbones import zoo
+from prompttune import zoo
 from prompttune.backbones.base import FrozenBackbone
 from prompttune.registry import BACKBONES
 from prompttune.utils import torch_load_trusted
@@ -464,7 +465,7 @@ class MAEVQGANBackbone(FrozenBackbone):
                  vqgan_checkpoint: str | None = None, weights: str = "pretrained", canvas_pad: int = 1,
                  overrides: dict | None = None, **_: Any):
         super().__init__()
-        from prompttune.methods._icl import CanvasGeometry
+        from prompttune.data.canvas import CanvasGeometry
 
         if weights not in ("pretrained", "random"):
             raise ValueError(f"backbone.weights must be 'pretrained' or 'random', not {weights!r}")
@@ -507,15 +508,27 @@ class MAEVQGANBackbone(FrozenBackbone):
             raise ValueError(f"canvas must be [B, 3, {s}, {s}] for this MAE-VQGAN, got {list(canvas.shape)}")
 
     @torch.no_grad()
-    def tokenize(self, canvas01: torch.Tensor) -> torch.Tensor:
-        """VQGAN codebook indices [B, L] of canvases in [0, 1]."""
-        self._check(canvas01)
-        return self.model.vqgan.codebook_indices(canvas01)
+    def tokenize(self, canvas01: torch.Tensor, official_unnormalised: bool = False) -> torch.Tensor:
+        """VQGAN codebook indices [B, L] of canvases in [0, 1].
 
-    def predict_logits(self, canvas01: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """MAE codebook logits [B, L, V]; differentiable w.r.t. the canvas (never the weights)."""
+        The VQGAN sees ``2x - 1``. ``official_unnormalised``: reproduce InMeMo's training targets,
+        where ``map_pixels`` (``vqgan.py:1281``: ``2 * (x * std + mean) - 1``, written for an
+        ImageNet-normalised input) receives the *un-normalised* label canvas
+        (``train_models.py:183,239``), so the VQGAN sees a washed-out canvas in about
+        [-0.19, 0.43] instead of [-1, 1].
+        """
         self._check(canvas01)
-        return self.model.mae((canvas01 - self._mean) / self._std, masked)
+        x = canvas01 * self._std + self._mean if official_unnormalised else canvas01
+        return self.model.vqgan.codebook_indices(x)
+
+    def predict_logits(self, canvas01: torch.Tensor, masked: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+        """MAE codebook logits [B, L, V]; differentiable w.r.t. the canvas (never the weights).
+
+        ``normalise=False`` feeds the [0, 1] canvas as it is, as InMeMo's training loop does
+        (``train_models.py:235-237``; its evaluation normalises, ``val_vp_segmentation.py:132``).
+        """
+        self._check(canvas01)
+        return self.model.mae((canvas01 - self._mean) / self._std if normalise else canvas01, masked)
 
     @torch.no_grad()
     def decode_tokens(self, idx: torch.Tensor) -> torch.Tensor:
@@ -524,116 +537,3 @@ class MAEVQGANBackbone(FrozenBackbone):
         if out.shape[-1] != self.image_size:
             out = F.interpolate(out, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return out
-
-
-# ============================================================================ zoo: mae-vqgan-tiny
-
-
-def _pretrain_tiny(model: MAEVQGAN, folder: Path, seed: int = 0, n_canvases: int = 1024,
-                   vq_steps: int = 150, mae_steps: int = 500, batch: int = 32, vq_batch: int = 16) -> dict[str, Any]:
-    """Two stages on synthetic-world canvases, all on the CPU:
-
-    1. VQ tokenizer: reconstruction (L1 + MSE) + codebook/commitment losses (VQ-VAE, beta 0.25),
-       dead codes re-seeded from encoder outputs (no GAN or perceptual loss: a departure from VQGAN).
-    2. MAE: cross-entropy on the tokenizer's indices of masked patches; three batches in four mask
-       the query-label quadrant (the ICL task: a1, the evaluation default, in two of them, else a
-       random arrangement), one in four masks 75% at random
-       (MAE's own objective, as Bar et al. pretrain on figures with random masking).
-    """
-    import time
-
-    from tqdm.auto import tqdm
-
-    from prompttune.data.pascal5i import synthetic_icl_pairs
-    from prompttune.methods._icl import ARRANGEMENTS, CanvasGeometry, build_canvas
-
-    torch.manual_seed(seed)
-    geom = CanvasGeometry(model.mae.img_size, model.mae.patch_size, 1)
-    t0 = time.perf_counter()
-    si, sm, qi, qm = synthetic_icl_pairs(n_canvases, geom.cell, seed=seed + 1000)
-    arrs = list(ARRANGEMENTS)
-    rng = np.random.default_rng(seed)
-    arr_of = rng.integers(len(arrs), size=n_canvases)
-    canv = torch.empty(n_canvases, 3, geom.size, geom.size)
-    for a in range(len(arrs)):
-        sel = torch.from_numpy(np.nonzero(arr_of == a)[0])
-        if len(sel):
-            canv[sel] = build_canvas(geom, arrs[a], si[sel], sm[sel], qi[sel], qm[sel])
-    gen_s = time.perf_counter() - t0
-
-    # ---- stage 1: tokenizer
-    vq = model.vqgan
-    vq.train()
-    opt = torch.optim.Adam(vq.parameters(), lr=2e-3)
-    usage = torch.zeros(vq.n_embed)
-    bar = tqdm(total=vq_steps + mae_steps, desc="zoo mae-vqgan-tiny", unit="step")
-    rec = float("nan")
-    for step in range(vq_steps):
-        x = canv[torch.randint(0, n_canvases, (vq_batch,))]
-        z = vq.encode_pre_quant(2 * x - 1)
-        b, d, h, w = z.shape
-        idx = vq.quantize.indices(z.detach())
-        zq = vq.quantize.lookup(idx, h, w)
-        vq_loss = F.mse_loss(zq, z.detach()) + 0.25 * F.mse_loss(z, zq.detach())
-        y = (vq.decode_quant(z + (zq - z).detach()) + 1) / 2
-        loss_rec = F.l1_loss(y, x) + F.mse_loss(y, x)
-        opt.zero_grad(set_to_none=True)
-        (loss_rec + vq_loss).backward()
-        opt.step()
-        usage.mul_(0.9).index_add_(0, idx.flatten(), torch.ones(idx.numel()))
-        if step % 25 == 24 and step < vq_steps - 50:  # re-seed dead codes from current encodings
-            dead = torch.nonzero(usage < 1e-3).flatten()
-            if len(dead):
-                pool = z.detach().permute(0, 2, 3, 1).reshape(-1, d)
-                vq.quantize.embedding.weight.data[dead] = pool[torch.randint(0, len(pool), (len(dead),))]
-                usage[dead] = 1.0
-        rec = float(loss_rec)
-        bar.set_postfix(stage="vq", rec=f"{rec:.3f}")
-        bar.update()
-    vq.eval()
-    with torch.no_grad():
-        targets = torch.cat([vq.codebook_indices(canv[i:i + 256]) for i in range(0, n_canvases, 256)])
-    used = int(torch.unique(targets).numel())
-
-    # ---- stage 2: MAE
-    mae = model.mae
-    mae.train()
-    opt = torch.optim.AdamW(mae.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=mae_steps, pct_start=0.1)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    L = geom.grid ** 2
-    quad = {a: geom.token_mask(a) for a in arrs}
-    ce = float("nan")
-    by_arr = {a: torch.from_numpy(np.nonzero(arr_of == i)[0]) for i, a in enumerate(arrs)}
-    for step in range(mae_steps):
-        if step % 4 != 3:  # the ICL task; half of these steps use a1, the default evaluation arrangement
-            a = "a1" if step % 2 == 0 else arrs[int(rng.integers(len(arrs)))]
-            pool = by_arr[a]
-            sel = pool[torch.randint(0, len(pool), (batch,))]
-            m = quad[a]
-        else:
-            sel = torch.randint(0, n_canvases, (batch,))
-            m = torch.rand(batch, L).argsort(1).argsort(1) >= int(L * 0.25)  # mask 75% at random
-        x = (canv[sel] - mean) / std
-        logits = mae(x, m)
-        t = targets[sel]
-        mm = m.expand(x.shape[0], L) if m.dim() == 1 else m
-        loss = F.cross_entropy(logits[mm], t[mm])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        ce = float(loss)
-        bar.set_postfix(stage="mae", ce=f"{ce:.3f}")
-        bar.update()
-    bar.close()
-    model.eval()
-    return {"canvases": n_canvases, "generate_s": round(gen_s, 1), "vq_steps": vq_steps, "vq_final_rec": round(rec, 4),
-            "codes_used": used, "mae_steps": mae_steps, "mae_final_ce": round(ce, 4)}
-
-
-zoo.register(zoo.ZooEntry(
-    name="mae-vqgan-tiny", backbone="mae_vqgan",
-    description="MAE-VQGAN (ViT 3x96 patch 8 @64px, VQ f8 with 128 codes, 8 base channels), pretrained on synthetic-world canvases",
-    make_model=lambda: make_model("tiny"), pretrain=_pretrain_tiny, version="1",
-))

@@ -3,13 +3,11 @@
 Weights, in order of precedence:
 
 * ``zoo_entry: vit-mae-tiny`` -- a small ViT pretrained MAE-style by prompttune on the
-  synthetic world (offline; see :func:`pretrain_mae` below);
+  synthetic world (offline; see :mod:`prompttune.zoo.vit_mae_tiny`);
 * ``checkpoint: path`` -- a local file, loaded weights-only, in one of the formats users
-  actually have (``checkpoint_format: auto`` detects it):
+  actually have (``checkpoint_format: auto`` detects it, see :func:`inspect_checkpoint`):
 
-  - ``mae``: Meta's ``mae_pretrain_vit_base.pth`` (``{"model": encoder state}``; the
-    encoder's final ``norm`` becomes timm's ``fc_norm`` when pooling is ``avg``, as the
-    SPT official code applies that norm after the mean of the patch tokens);
+  - ``mae``: Meta's ``mae_pretrain_vit_base.pth`` (``{"model": encoder state}``);
   - ``moco``: MoCo-v3 (``{"state_dict": {"module.base_encoder.<timm key>": ...}}``; the
     momentum encoder, predictor and projection ``head`` are dropped);
   - ``timm``: a plain timm state dict (``.pth``/``.bin``/``.safetensors``; ``module.``
@@ -21,9 +19,35 @@ Weights, in order of precedence:
 * ``model: <timm name>`` (``model_kwargs`` override its architecture arguments) with ``pretrained: <tag>`` (``augreg_in21k``, ``mae``, ...) or
   ``pretrained: true`` (the name's default tag): downloads, for users online.
 
-Pooling (``pool``): ``auto`` follows the pretraining -- MAE (and the zoo MAE): mean of
-the patch tokens, then ``fc_norm``; MoCo-v3 and supervised: the final ``norm`` then the
-CLS token. ``cls`` / ``avg`` force one.
+**Provenance and pooling** (``pool: auto``). The pooling follows the pretraining, decided
+from what the weights are, never from a wrapper alone (a ``{"model": ...}`` dict is how
+MAE ships, but also how many training scripts save any ViT):
+
+* MAE -- a checkpoint with MAE's decoder or ``mask_token``; or an encoder with no
+  classifier head, no ``fc_norm`` and MAE's fixed 2-D sin-cos position embedding; or the
+  hub tag ``mae``: mean of the tokens after CLS, then the encoder's final ``norm`` applied
+  *after* the mean (it becomes timm's ``fc_norm``), as SPT's ``Models/MAE_vpt_deep.py``
+  (``x[:, 1:].mean(1)`` then ``self.norm``) and MAE's fine-tuning code do;
+* a checkpoint with ``fc_norm`` (an avg-pooling model, e.g. MAE fine-tuned): mean pooling;
+* MoCo-v3 (``module.base_encoder.`` keys), supervised checkpoints (a classifier ``head`` or
+  ``pre_logits``), JAX ``.npz``, every other hub tag, and a head-less timm dict whose
+  position embedding is learned: the final ``norm`` then the CLS token.
+
+``pool: cls | avg`` overrides it (the norm moves with the pooling, so no weight is lost).
+The decision and its reason are on the backbone (``pool``, ``provenance``) and in every
+run record (:meth:`ViTBackbone.record`).
+
+**Normalisation: one rule.** Every ViT weight -- hub or file, in21k, MAE, MoCo -- gets the
+ImageNet mean/std, as VPT (``src/data/transforms.py:8-10``) and SPT
+(``Dataset/FGVC.py:51``, ``Dataset/VTAB.py:55``) normalise every backbone, whatever
+timm's ``pretrained_cfg`` says (its in21k tags say 0.5/0.5). ``mean`` / ``std`` override
+it; the zoo model keeps the statistics it was pretrained with.
+
+**drop_path_rate** is stochastic depth on the frozen blocks *during training* only, as
+SPT's training runs its frozen ViT in ``model.train()`` with ``drop_path_rate=args.drop_path``
+(``train_MAE.py:237,449``): the backbone stays in eval mode except its ``DropPath`` layers,
+which follow the training mode (:meth:`ViTBackbone.train`). Its published recipes pass
+``--drop_path 0.0`` (SPT README), which is the default here.
 
 Hooks (used by ``methods/_vit_prompts.py``; no method logic lives here):
 ``patch_tokens`` (SPT's layer 0), ``embed_tokens`` (prefix tokens + patches with position
@@ -41,8 +65,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from prompttune.backbones import zoo
+from prompttune import zoo
 from prompttune.backbones.base import FrozenBackbone
+from prompttune.config import ConfigError
 from prompttune.registry import BACKBONES
 from prompttune.utils import torch_load_trusted
 
@@ -59,17 +84,74 @@ def _timm():
     return timm
 
 
-# ------------------------------------------------------------------ checkpoint formats
-def detect_format(path: Path, state: Any) -> str:
-    if path.suffix == ".npz":
-        return "npz"
+# ------------------------------------------------------------------ checkpoint formats and provenance
+def unwrap_state(state: Any) -> dict:
+    """The tensor dict inside a checkpoint: ``{"model": ...}``, ``{"state_dict": ...}`` or the dict itself."""
     if isinstance(state, dict):
-        inner = state.get("state_dict", state)
-        if isinstance(inner, dict) and any(str(k).startswith("module.base_encoder.") for k in inner):
-            return "moco"
-        if "model" in state and isinstance(state["model"], dict):
-            return "mae"
-    return "timm"
+        for key in ("model", "state_dict"):
+            if isinstance(state.get(key), dict):
+                return state[key]
+    return state
+
+
+def mae_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """MAE's fixed position embedding [1, 1 + grid², dim] (``util/pos_embed.py``: zeros for CLS, then
+    sin/cos of the column index in the first half of the channels and of the row index in the second)."""
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+
+    def emb(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    pe = torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat([emb(cols), emb(rows)], dim=1)])
+    return pe.float().unsqueeze(0)
+
+
+def has_mae_pos_embed(sd: dict) -> bool:
+    """True when ``pos_embed`` is MAE's fixed sin-cos table (learned embeddings never are)."""
+    pe = sd.get("pos_embed")
+    if not isinstance(pe, torch.Tensor) or pe.ndim != 3 or pe.shape[-1] % 4:
+        return False
+    n = pe.shape[1] - 1
+    grid = math.isqrt(max(n, 0))
+    if grid * grid != n:
+        return False
+    return bool(torch.allclose(pe.float().cpu(), mae_sincos_pos_embed(pe.shape[-1], grid), atol=1e-4))
+
+
+def inspect_checkpoint(path: Path, state: Any) -> tuple[str, str, str]:
+    """(format, pooling, provenance) of a loaded checkpoint, from its keys and values.
+
+    ``pooling`` is what the pretraining implies (``cls`` or ``avg``); ``provenance`` says why.
+    """
+    if path.suffix == ".npz":
+        return "npz", "cls", "JAX .npz (supervised; pooled with CLS)"
+    if not isinstance(state, dict):
+        return "timm", "cls", "not a dict"
+    inner = state.get("state_dict", state)
+    if isinstance(inner, dict) and any(str(k).startswith("module.base_encoder.") for k in inner):
+        return "moco", "cls", "MoCo-v3 (module.base_encoder. keys; pooled with CLS)"
+    sd = unwrap_state(state)
+    if not isinstance(sd, dict):
+        return "timm", "cls", "not a dict"
+    keys = {str(k).removeprefix("module.") for k in sd}
+    if any(k.startswith("decoder") or k == "mask_token" for k in keys):
+        return "mae", "avg", "MAE pretraining (decoder / mask_token keys; mean pooling + fc_norm)"
+    if any(k.startswith(("head.", "pre_logits.")) for k in keys):
+        pool = "avg" if "fc_norm.weight" in keys else "cls"
+        return "timm", pool, f"supervised (classifier head{', fc_norm' if pool == 'avg' else ''}; pooled with {pool})"
+    if "fc_norm.weight" in keys:
+        return "timm", "avg", "fc_norm present (an avg-pooling model; mean pooling)"
+    plain = {k.removeprefix("module."): v for k, v in sd.items()}
+    if "norm.weight" in keys and has_mae_pos_embed(plain):
+        return "mae", "avg", "MAE encoder (no head, fixed sin-cos position embedding; mean pooling + fc_norm)"
+    return "timm", "cls", "timm state dict without head (learned position embedding; pooled with CLS)"
+
+
+def detect_format(path: Path, state: Any) -> str:
+    return inspect_checkpoint(path, state)[0]
 
 
 def convert_state_dict(state: Any, fmt: str, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -77,10 +159,7 @@ def convert_state_dict(state: Any, fmt: str, model: nn.Module) -> dict[str, torc
     if not isinstance(state, dict):
         raise ValueError(f"a {fmt} checkpoint must hold a dict, got {type(state).__name__}")
     if fmt == "mae":
-        if "model" not in state:
-            raise ValueError("MAE checkpoint must hold {'model': state_dict} like mae_pretrain_vit_base.pth; "
-                             f"found keys {sorted(state)[:5]}")
-        sd = dict(state["model"])
+        sd = {k.removeprefix("module."): v for k, v in unwrap_state(state).items()}
         sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
     elif fmt == "moco":
         inner = state.get("state_dict", state)
@@ -89,13 +168,12 @@ def convert_state_dict(state: Any, fmt: str, model: nn.Module) -> dict[str, torc
         if not sd:
             raise ValueError(f"MoCo-v3 checkpoint has no keys under {prefix!r}; found e.g. {list(inner)[:3]}")
     elif fmt == "timm":
-        sd = state.get("state_dict", state.get("model", state)) if ("state_dict" in state or "model" in state) else state
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        sd = {k.removeprefix("module."): v for k, v in unwrap_state(state).items()}
     else:
         raise ValueError(f"unknown checkpoint_format {fmt!r}; valid: {', '.join(FORMATS)}")
     # classifier / projection heads belong to the pretraining task, not to the backbone
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.") and k != "head"}
-    # an encoder-final `norm` goes to `fc_norm` where the model pools first (avg pooling)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "pre_logits.")) and k != "head"}
+    # the final norm goes where the model applies it: `norm` (before CLS pooling) or `fc_norm` (after the mean)
     own = model.state_dict()
     if "norm.weight" in sd and "norm.weight" not in own and "fc_norm.weight" in own:
         sd["fc_norm.weight"] = sd.pop("norm.weight")
@@ -119,7 +197,7 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, fmt: str = "auto", 
     ``state``: the already-loaded checkpoint (saves reading a large file twice)."""
     path = Path(path).expanduser()
     if fmt not in FORMATS:
-        raise ValueError(f"unknown checkpoint_format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown checkpoint_format {fmt!r}; valid: {', '.join(FORMATS)}")
     if not path.is_file():
         raise FileNotFoundError(f"ViT checkpoint not found: {path}")
     if fmt == "npz" or (fmt == "auto" and path.suffix == ".npz"):
@@ -140,6 +218,33 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, fmt: str = "auto", 
     return fmt
 
 
+# ------------------------------------------------------------------ pooling and stochastic depth, in place
+def set_pooling(model: nn.Module, pool: str) -> None:
+    """Switch a timm ViT between CLS pooling (final ``norm`` on every token, then CLS) and mean
+    pooling (mean of the non-prefix tokens, then ``fc_norm``), moving the norm's weights with it."""
+    identity = nn.Identity
+    if pool == "avg" and model.global_pool != "avg":
+        model.global_pool = "avg"
+        if isinstance(model.fc_norm, identity) and not isinstance(model.norm, identity):
+            model.fc_norm, model.norm = model.norm, identity()
+    elif pool == "cls" and model.global_pool != "token":
+        model.global_pool = "token"
+        if isinstance(model.norm, identity) and not isinstance(model.fc_norm, identity):
+            model.norm, model.fc_norm = model.fc_norm, identity()
+
+
+def set_drop_path(model: nn.Module, rate: float) -> None:
+    """Stochastic depth on every block, linearly rising to ``rate`` at the last (timm's and SPT's schedule)."""
+    from timm.layers import DropPath
+
+    depth = len(model.blocks)
+    for i, blk in enumerate(model.blocks):
+        p = rate * i / max(depth - 1, 1)
+        for attr in ("drop_path1", "drop_path2", "drop_path"):
+            if hasattr(blk, attr):
+                setattr(blk, attr, DropPath(p) if p > 0 else nn.Identity())
+
+
 # ------------------------------------------------------------------ the wrapper
 @BACKBONES.register("vit")
 class ViTBackbone(FrozenBackbone):
@@ -150,66 +255,115 @@ class ViTBackbone(FrozenBackbone):
                  drop_path_rate: float = 0.0, model_kwargs: dict | None = None, **_: Any):
         super().__init__()
         if pool not in POOLS:
-            raise ValueError(f"backbone.pool must be one of {', '.join(POOLS)}, not {pool!r}")
+            raise ConfigError(f"backbone.pool={pool!r}: expected one of {', '.join(POOLS)}")
         if checkpoint_format not in FORMATS:
-            raise ValueError(f"backbone.checkpoint_format must be one of {', '.join(FORMATS)}, not {checkpoint_format!r}")
+            raise ConfigError(f"backbone.checkpoint_format={checkpoint_format!r}: expected one of {', '.join(FORMATS)}")
         if weights not in ("pretrained", "random"):
-            raise ValueError(f"backbone.weights must be 'pretrained' or 'random', not {weights!r}")
+            raise ConfigError(f"backbone.weights={weights!r}: expected 'pretrained' or 'random'")
+        if not 0.0 <= float(drop_path_rate) < 1.0:
+            raise ConfigError(f"backbone.drop_path_rate={drop_path_rate!r}: expected a number in [0, 1)")
+        for key, value in (("mean", mean), ("std", std)):
+            if value is not None and (len(list(value)) != 3 or (key == "std" and min(value) <= 0)):
+                raise ConfigError(f"backbone.{key}={list(value)!r}: expected three numbers (RGB)"
+                                  + (", all > 0" if key == "std" else ""))
         timm = _timm()
         norm_mean, norm_std = IMAGENET_MEAN, IMAGENET_STD
+        self.norm_source = "ImageNet statistics (VPT/SPT rule for every ViT weight)"
         if zoo_entry:
             self.model = zoo.load_model(zoo_entry, weights)
             self.name = f"zoo:{zoo_entry}" + ("" if weights == "pretrained" else f"({weights})")
-            norm_mean, norm_std = ZOO_MEAN, ZOO_STD
-            if pool != "auto":
-                self.model.global_pool = "token" if pool == "cls" else "avg"
+            norm_mean, norm_std = zoo.get(zoo_entry).info["mean"], zoo.get(zoo_entry).info["std"]
+            self.norm_source = f"the zoo entry's pretraining statistics ({zoo_entry})"
+            natural = "cls" if self.model.global_pool == "token" else "avg"
+            self.provenance = (f"zoo {zoo_entry} (its own pretraining; pooled with {natural})" if weights == "pretrained"
+                               else f"zoo {zoo_entry} architecture, random weights (pooled with {natural})")
         else:
             if not model:
-                raise ValueError("backbone.model must name a timm ViT (e.g. vit_base_patch16_224) or set zoo_entry")
+                raise ConfigError("backbone.model is empty: name a timm ViT (e.g. vit_base_patch16_224) or set "
+                                  "backbone.zoo_entry")
             fmt, state = checkpoint_format, None
+            natural, self.provenance = "cls", "random weights"
+            if weights == "random" and fmt == "mae":  # e.g. a smoke run of an MAE config: keep its architecture
+                natural, self.provenance = "avg", "random weights, pooled as MAE (checkpoint_format=mae)"
             if checkpoint and weights == "pretrained":
                 p = Path(checkpoint).expanduser()
                 if not p.is_file():
                     raise FileNotFoundError(f"ViT checkpoint not found: {p}")
-                if fmt == "npz" or p.suffix == ".npz":
-                    fmt = "npz"
-                else:
+                if p.suffix != ".npz" and fmt != "npz":
                     state = torch_load_trusted(p)
-                    fmt = detect_format(p, state) if fmt == "auto" else fmt
+                detected, natural, self.provenance = inspect_checkpoint(p, state)
+                if fmt == "auto":
+                    fmt = detected
+                elif fmt != detected:
+                    natural = "avg" if fmt == "mae" else ("cls" if fmt in ("moco", "npz") else natural)
+                    self.provenance = f"checkpoint_format={fmt} (set by the config; the keys suggest: {self.provenance})"
             elif weights == "pretrained" and not pretrained:
-                raise ValueError(f"backbone.weights=pretrained but {model!r} has no source of weights: set "
-                                 "backbone.pretrained (a timm tag, or true), backbone.checkpoint, or backbone.zoo_entry "
-                                 "(or weights=random for an untrained model)")
-            want = pool if pool != "auto" else ("avg" if fmt == "mae" else None)
-            kwargs: dict[str, Any] = {"num_classes": 0, "drop_path_rate": drop_path_rate}
-            if want:
-                kwargs["global_pool"] = "token" if want == "cls" else "avg"
+                raise ConfigError(f"backbone.weights=pretrained but {model!r} has no source of weights: set "
+                                  "backbone.pretrained (a timm tag, or true), backbone.checkpoint, or backbone.zoo_entry "
+                                  "(or weights=random for an untrained model)")
+            kwargs: dict[str, Any] = {"num_classes": 0}
             if img_size:
                 kwargs["img_size"] = int(img_size)
             kwargs.update(dict(model_kwargs or {}))  # architecture overrides (depth, embed_dim, patch_size, ...)
             tag = pretrained if (weights == "pretrained" and not checkpoint) else None
             name = f"{model}.{tag}" if isinstance(tag, str) and "." not in model else model
             if name.split(".")[0] not in timm.list_models():
-                raise ValueError(f"unknown timm model {model!r}; e.g. {', '.join(timm.list_models('vit_base*')[:4])}")
+                raise ConfigError(f"backbone.model={model!r}: not a timm model; e.g. "
+                                  f"{', '.join(timm.list_models('vit_base*')[:4])}")
             self.model = timm.create_model(name, pretrained=bool(tag), **kwargs)
-            if state is not None or fmt == "npz" and checkpoint and weights == "pretrained":
+            if tag:
+                full = getattr(self.model, "pretrained_cfg", {}).get("tag") or (name.split(".", 1) + [""])[1]
+                natural = "avg" if "mae" in str(full) else ("avg" if self.model.global_pool == "avg" else "cls")
+                self.provenance = f"timm hub {name.split('.')[0]}.{full} (" + (
+                    "MAE: mean pooling + fc_norm)" if "mae" in str(full) else f"pooled with {natural})")
+            if state is not None or (fmt == "npz" and checkpoint and weights == "pretrained"):
                 fmt = load_checkpoint_into(self.model, checkpoint, fmt, state)
                 self.name = f"{model}:{Path(checkpoint).name}({fmt})"
                 del state
             else:
                 self.name = f"{model}:{tag if tag else 'random'}"
-            cfg = getattr(self.model, "pretrained_cfg", {}) or {}
-            if tag and cfg.get("mean"):
-                norm_mean, norm_std = tuple(cfg["mean"]), tuple(cfg["std"])
+            set_pooling(self.model, natural)
         if not hasattr(self.model, "blocks") or not hasattr(self.model, "patch_embed"):
-            raise ValueError(f"{self.name} is not a ViT with patch_embed and blocks")
+            raise ConfigError(f"backbone {self.name} is not a ViT with patch_embed and blocks")
         if getattr(self.model, "attn_pool", None) is not None:
-            raise ValueError(f"{self.name} pools with attention ('map'); prompt insertion supports cls/avg pooling only")
-        self.mean = tuple(mean) if mean else tuple(norm_mean)
-        self.std = tuple(std) if std else tuple(norm_std)
+            raise ConfigError(f"backbone {self.name} pools with attention ('map'); prompt insertion supports "
+                              "cls/avg pooling only")
+        self.pool_source = "auto (from the provenance)"
+        if pool != "auto":
+            set_pooling(self.model, pool)
+            self.pool_source = f"backbone.pool={pool} (user override)"
+        self.drop_path_rate = float(drop_path_rate)
+        if self.drop_path_rate > 0:
+            set_drop_path(self.model, self.drop_path_rate)
+        self.mean = tuple(float(v) for v in mean) if mean else tuple(norm_mean)
+        self.std = tuple(float(v) for v in std) if std else tuple(norm_std)
+        if mean or std:
+            self.norm_source = "backbone.mean/std (user override)"
         size = self.model.patch_embed.img_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.freeze()
+
+    def train(self, mode: bool = True) -> "ViTBackbone":
+        """Eval mode always, except the ``DropPath`` layers (if any), which follow ``mode``:
+        stochastic depth on the frozen blocks while training, as SPT's training does."""
+        super().train(False)
+        if mode and getattr(self, "drop_path_rate", 0.0) > 0:
+            from timm.layers import DropPath
+
+            for m in self.model.modules():
+                if isinstance(m, DropPath):
+                    m.train(True)
+        return self
+
+    def record(self) -> dict[str, Any]:
+        """What a run record should say about these weights (pooling and why, normalisation, drop-path)."""
+        return {"name": self.name, "pool": self.pool, "pool_source": self.pool_source,
+                "provenance": self.provenance, "mean": list(self.mean), "std": list(self.std),
+                "norm_source": self.norm_source, "drop_path_rate": self.drop_path_rate,
+                "image_size": self.image_size}
+
+    def describe(self) -> str:
+        return f"{self.name} [pool={self.pool}; {self.provenance}]"
 
     # -- facts methods read -------------------------------------------------------
     @property
@@ -291,152 +445,3 @@ class ViTBackbone(FrozenBackbone):
             if i + 1 in layers:
                 out[i + 1] = x[:, self.num_prefix_tokens:]
         return out
-
-
-# ------------------------------------------------------------------ zoo: vit-mae-tiny
-ZOO_MEAN = (0.5, 0.5, 0.5)
-ZOO_STD = (0.5, 0.5, 0.5)
-TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0,
-                num_classes=0, global_pool="avg", qkv_bias=True)
-
-
-def make_tiny_vit() -> nn.Module:
-    _timm()  # the torchvision shim first
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(**TINY_VIT)
-
-
-def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
-    """MAE's fixed 2-D sine-cosine position embedding, [1, (1 +) grid*grid, dim]."""
-    assert dim % 4 == 0
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-
-    def emb(pos):
-        out = pos.reshape(-1)[:, None] * omega[None]
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    pe = torch.cat([emb(xs), emb(ys)], dim=1).float()
-    if cls_token:
-        pe = torch.cat([torch.zeros(1, dim), pe], dim=0)
-    return pe.unsqueeze(0)
-
-
-class MAEDecoder(nn.Module):
-    """A small MAE decoder (He et al., 2022, Sec. 3): mask tokens + sin-cos positions, a few blocks, pixel head."""
-
-    def __init__(self, enc_dim: int, num_patches: int, patch_px: int, dim: int = 64, depth: int = 2, heads: int = 4):
-        super().__init__()
-        from timm.models.vision_transformer import Block
-
-        self.embed = nn.Linear(enc_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.normal_(self.mask_token, std=0.02)
-        grid = int(math.isqrt(num_patches))
-        self.register_buffer("pos", sincos_pos_embed(dim, grid), persistent=False)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.pred = nn.Linear(dim, patch_px)
-
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        x = self.embed(latent)
-        b, n = ids_restore.shape
-        masks = self.mask_token.expand(b, n + 1 - x.shape[1], -1)
-        body = torch.cat([x[:, 1:], masks], dim=1)
-        body = torch.gather(body, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1], body], dim=1) + self.pos
-        x = self.norm(self.blocks(x))
-        return self.pred(x[:, 1:])
-
-
-def mae_loss(model: nn.Module, decoder: MAEDecoder, images: torch.Tensor, mask_ratio: float,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """One MAE step (Eq. of Sec. 3): encode a random 25% of the patches, reconstruct the
-    per-patch normalised pixels of the masked ones, MSE on masked patches only."""
-    p = model.patch_embed.patch_size[0]
-    b = images.shape[0]
-    x = model.patch_embed(images)
-    x = x.flatten(1, 2) if x.ndim == 4 else x
-    x = x + model.pos_embed[:, 1:]
-    n = x.shape[1]
-    keep = int(n * (1 - mask_ratio))
-    noise = torch.rand(b, n, generator=generator, device=images.device)
-    ids_shuffle = noise.argsort(dim=1)
-    ids_restore = ids_shuffle.argsort(dim=1)
-    ids_keep = ids_shuffle[:, :keep]
-    x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[2]))
-    cls = (model.cls_token + model.pos_embed[:, :1]).expand(b, -1, -1)
-    x = model.blocks(torch.cat([cls, x], dim=1))
-    x = model.fc_norm(x)  # MAE's encoder-final norm; after pretraining it is the fc_norm of avg pooling
-    pred = decoder(x, ids_restore)
-    target = images.unfold(2, p, p).unfold(3, p, p)  # B, C, h, w, p, p
-    target = target.permute(0, 2, 3, 4, 5, 1).reshape(b, n, -1)
-    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-    target = (target - mean) / (var + 1e-6) ** 0.5
-    mask = torch.ones(b, n, device=images.device)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
-
-
-def pretrain_mae(model: nn.Module, folder: Path, n_per_class: int = 128, epochs: int = 15, batch_size: int = 256,
-                 lr: float = 2e-3, mask_ratio: float = 0.75, seed: int = 0) -> dict[str, Any]:
-    """MAE pretraining of the zoo ViT on synthetic-world images (no labels are used).
-
-    As MAE: fixed sin-cos position embeddings, 75% masking, normalised-pixel targets,
-    AdamW (betas 0.9/0.95, wd 0.05), warm-up + cosine. Small: a 1-block 64-d decoder, 15 epochs over 2,048 images.
-    """
-    from tqdm.auto import tqdm
-
-    from prompttune.config import cache_dir
-    from prompttune.data.base import ImageTransform, read_image
-    from prompttune.data.image_folder import ensure_synthetic, read_split_file
-
-    root = cache_dir() / "data" / f"world-mae-{n_per_class}-s{seed}"
-    ensure_synthetic({"kind": "classification", "n_train": n_per_class, "n_val": 0, "n_test": 0, "side": 32,
-                      "seed": 1000 + seed, "background": "noise"}, root)
-    rows = read_split_file(root / "split_prompttune_world.json")["train"]
-    tf = ImageTransform(32, ZOO_MEAN, ZOO_STD)
-    images = torch.stack([tf(read_image(root / "images" / r[0])) for r in rows])
-    with torch.no_grad():
-        model.pos_embed.copy_(sincos_pos_embed(model.embed_dim, model.patch_embed.grid_size[0]))
-    model.pos_embed.requires_grad_(False)
-    decoder = MAEDecoder(model.embed_dim, model.patch_embed.num_patches, 3 * model.patch_embed.patch_size[0] ** 2, depth=1)
-    params = [p for p in list(model.parameters()) + list(decoder.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
-    steps = epochs * math.ceil(len(images) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    decoder.train()
-    bar = tqdm(total=steps, desc="zoo vit-mae-tiny: MAE pretraining", unit="step")
-    first = last = float("nan")
-    for _ in range(epochs):
-        perm = torch.randperm(len(images), generator=g)
-        for i in range(0, len(images), batch_size):
-            batch = images[perm[i:i + batch_size]]
-            if torch.rand(1, generator=g).item() < 0.5:  # horizontal flip, as MAE's augmentation
-                batch = batch.flip(-1)
-            loss = mae_loss(model, decoder, batch, mask_ratio, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            last = float(loss)
-            first = last if first != first else first
-            bar.set_postfix(loss=f"{last:.3f}")
-            bar.update()
-    bar.close()
-    model.pos_embed.requires_grad_(True)
-    model.eval()
-    return {"images": len(images), "epochs": epochs, "mask_ratio": mask_ratio,
-            "first_loss": round(first, 4), "final_loss": round(last, 4)}
-
-
-zoo.register(zoo.ZooEntry(
-    name="vit-mae-tiny", backbone="vit",
-    description="timm ViT (4 blocks x 96, patch 4 @32px, avg pool + fc_norm), MAE-pretrained on synthetic-world images",
-    make_model=make_tiny_vit, pretrain=pretrain_mae, version="1",
-))

@@ -35,18 +35,46 @@ def read_image(path: str | Path):
         raise CorruptImageError(f"corrupt or truncated image {path}: {err}") from None
 
 
+TRAIN_CROPS = ("random_resized", "resize_random")
+INTERPOLATIONS = ("bicubic", "bilinear")
+
+
 class ImageTransform:
-    """Evaluation: Resize (shorter side to ``resize_ratio * size``, bicubic) + CenterCrop(size), as
+    """Evaluation: Resize (shorter side to ``resize_ratio * size``) + CenterCrop(size), as
     CLIP (ratio 1) and the FGVC protocols (Resize 256 / CenterCrop 224) evaluate. Training with
-    ``augment``: RandomResizedCrop (scale 0.08-1, aspect 3/4-4/3: torchvision's and CoOp's
-    default) + horizontal flip. Then normalise. Pure PIL + numpy, so it needs no torchvision ops.
+    ``augment``: ``train_crop="random_resized"``: RandomResizedCrop (scale 0.08-1, aspect
+    3/4-4/3: torchvision's, CoOp's and SPT's default) + horizontal flip; ``"resize_random"``:
+    Resize(``resize_ratio * size``) + RandomCrop(size) + flip (VPT's ``src/data/transforms.py:21-25``).
+    Then normalise. ``interpolation``: bicubic (SPT's ``interpolation=3``) or bilinear
+    (torchvision's default, VPT's). Pure PIL + numpy, so it needs no torchvision ops.
+
+    The random generator is per transform object; :func:`_seed_worker` reseeds each
+    DataLoader worker's copy (:meth:`reseed`), so workers do not repeat each other's crops.
     """
 
-    def __init__(self, size: int, mean, std, augment: bool = False, seed: int = 0, resize_ratio: float = 1.0):
+    def __init__(self, size: int, mean, std, augment: bool = False, seed: int = 0, resize_ratio: float = 1.0,
+                 train_crop: str = "random_resized", interpolation: str = "bicubic"):
+        if train_crop not in TRAIN_CROPS:
+            raise DataError(f"data.train_crop={train_crop!r}: expected one of {', '.join(TRAIN_CROPS)}")
+        if interpolation not in INTERPOLATIONS:
+            raise DataError(f"data.interpolation={interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
         self.size, self.augment, self.ratio = int(size), augment, float(resize_ratio)
+        self.train_crop, self.interpolation = train_crop, interpolation
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.rng = np.random.default_rng(seed)
+
+    def reseed(self, seed: int) -> None:
+        """A fresh generator (one per DataLoader worker: see :func:`_seed_worker`)."""
+        self.rng = np.random.default_rng(int(seed))
+
+    def _resize_short(self, img, short: int):
+        from PIL import Image
+
+        w, h = img.size
+        r = short / min(w, h)
+        resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
+        return img.resize((max(short, round(w * r)), max(short, round(h * r))), resample)
 
     def _random_resized_crop(self, img):
         w, h = img.size
@@ -64,16 +92,23 @@ class ImageTransform:
         from PIL import Image
 
         s = self.size
-        if self.augment:
-            img = self._random_resized_crop(img).resize((s, s), Image.BICUBIC)
+        if self.augment and self.train_crop == "resize_random":
+            img = self._resize_short(img, max(s, int(round(s * self.ratio))))
+            w, h = img.size
+            x0, y0 = int(self.rng.integers(0, w - s + 1)), int(self.rng.integers(0, h - s + 1))
+            img = img.crop((x0, y0, x0 + s, y0 + s))
+            if self.rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        elif self.augment:
+            resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
+            img = self._random_resized_crop(img).resize((s, s), resample)
             if self.rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             short = max(s, int(round(s * self.ratio)))
             w, h = img.size
             if (w, h) != (s, s) or short != s:
-                r = short / min(w, h)
-                img = img.resize((max(short, round(w * r)), max(short, round(h * r))), Image.BICUBIC)
+                img = self._resize_short(img, short)
                 w, h = img.size
                 x0, y0 = (w - s) // 2, (h - s) // 2
                 img = img.crop((x0, y0, x0 + s, y0 + s))
@@ -143,6 +178,9 @@ class EpochSeededSampler(RandomSampler):
 
 def check_folder(root: str | Path, what: str, expected: str) -> Path:
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{what} root {root} is a file, not a folder (data.root must name the dataset folder; "
+                        f"expected {expected})")
     if not root.is_dir():
         raise DataError(f"{what} folder not found: {root} (expected {expected})")
     if not any(root.iterdir()):
@@ -208,10 +246,16 @@ class PromptDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise DataError(f"this dataset has no {split!r} split; it has: {', '.join(self.datasets)}")
         ds = self.datasets[split]
+        # data.drop_last (CoOp's configs): drop the last partial training batch, as Dassl's
+        # build_data_loader does (drop_last=is_train and len(data) >= batch_size)
+        drop_last = split == "train" and bool(self.extra.get("drop_last", False)) and len(ds) >= self.batch_size
         return DataLoader(
             ds, batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochSeededSampler(ds, self.seed) if shuffle else None, num_workers=self.num_workers, drop_last=False,
+            sampler=EpochSeededSampler(ds, self.seed) if shuffle else None, num_workers=self.num_workers,
+            drop_last=drop_last,
             persistent_workers=self.num_workers > 0, worker_init_fn=_seed_worker,
+            # the workers' base seed (torch.initial_seed() in each worker) from the data seed alone
+            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=getattr(self.datasets[split], "collate", None),
         )
 
@@ -226,9 +270,16 @@ class PromptDataModule(L.LightningDataModule):
 
 
 def _seed_worker(worker_id: int) -> None:
+    """Seed a DataLoader worker: the global generators, and the dataset's own transform generator
+    (each worker holds a copy of the transform; without this every worker would apply the same
+    crop/flip sequence). ``torch.initial_seed()`` here is the loader's base seed + worker id."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     import random
 
     random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(getattr(info, "dataset", None), "transform", None)
+    if hasattr(transform, "reseed"):
+        transform.reseed(seed)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

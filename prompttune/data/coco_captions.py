@@ -1,19 +1,39 @@
-"""COCO captions in the Karpathy split (``dataset_coco.json``), the shared in-context data
-plumbing of MMICT (captioning / VQA samples with an instruction, a target and references),
-and the synthetic world's writer for this format.
+"""COCO captions in the Karpathy split, the shared in-context data plumbing of MMICT
+(captioning / VQA samples with an instruction, a target and references), and the synthetic
+world's writer.
 
-Karpathy JSON (as released with NeuralTalk, used by BLIP/LAVIS)::
+Annotation layouts read (``ann_file``):
+
+* Karpathy's ``dataset_coco.json`` (NeuralTalk)::
 
     {"dataset": "coco", "images": [{"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg",
       "split": "train|restval|val|test", "cocoid": 391895, "sentences": [{"raw": "A man ..."}, ...]}, ...]}
 
-Protocol: ``train`` + ``restval`` train (one sample per image-caption pair, as BLIP-2 does),
+* LAVIS's ``coco_karpathy_{train,val,test}.json`` (``ann_file: coco_karpathy_{split}.json``):
+  lists; train ``[{"image": "val2014/COCO_val2014_...jpg", "caption": "...", "image_id": "coco_..."}]``
+  (one entry per caption; the Karpathy train + restval images), val/test
+  ``[{"image": "...", "caption": ["...", ...]}]``; image paths relative to ``image_root``.
+
+Protocol: ``train`` (+ ``restval``) trains (one sample per image-caption pair, as BLIP-2 does),
 ``val`` validates and ``test`` evaluates (one sample per image, all captions as references).
+
+Shared plumbing (:class:`InContextDataModule`):
+
+* images are squash-resized to size x size (:class:`SquashTransform`, LAVIS
+  ``blip_image_eval``: ``Resize((size, size), bicubic)``, no crop); with ``augment`` training
+  images get LAVIS ``blip2_image_train`` (RandomResizedCrop scale 0.5-1, bicubic, + flip);
+* ``prompt`` may be a list of instruction templates: training samples draw one at random per
+  item (official MMICT ``split_caption``: ``random.choice(self.prompt)``), evaluation uses the first;
+* ``text_processor: blip_caption`` applies LAVIS's ``BlipCaptionProcessor.pre_caption`` to the
+  training targets (lower case, ``.!"()*#:;~`` to spaces, at most ``max_words`` words);
+  references are scored as released.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +45,56 @@ from prompttune.data.base import DataError, PromptDataModule, read_image
 from prompttune.registry import DATASETS, SYNTHETIC
 
 CAPTION_PROMPT = "a photo of"
+TEXT_PROCESSORS = ("none", "blip_caption")
+
+
+def blip_caption(caption: str, max_words: int = 50) -> str:
+    """LAVIS ``BlipCaptionProcessor.pre_caption`` (lavis/processors/blip_processors.py:49-68)."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption)
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+class SquashTransform:
+    """BLIP-2 / LAVIS preprocessing: the whole image resized to size x size (aspect not kept).
+
+    Evaluation = LAVIS ``blip_image_eval`` / HF ``BlipImageProcessor``: bicubic resize, no crop.
+    Training with ``augment`` = LAVIS ``blip2_image_train``: RandomResizedCrop(size, scale
+    (0.5, 1), aspect 3/4-4/3, bicubic) + horizontal flip. Then normalise."""
+
+    def __init__(self, size: int, mean, std, augment: bool = False, seed: int = 0):
+        self.size, self.augment = int(size), bool(augment)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.rng = np.random.default_rng(seed)
+
+    def _crop(self, img):
+        w, h = img.size
+        for _ in range(10):
+            target = w * h * self.rng.uniform(0.5, 1.0)
+            ar = math.exp(self.rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = int(self.rng.integers(0, w - cw + 1)), int(self.rng.integers(0, h - ch + 1))
+                return img.crop((x0, y0, x0 + cw, y0 + ch))
+        return img  # torchvision's fallback crops the centre at a clamped ratio; whole image here
+
+    def __call__(self, img) -> torch.Tensor:
+        from PIL import Image
+
+        s = self.size
+        if self.augment:
+            img = self._crop(img)
+        if img.size != (s, s):
+            img = img.resize((s, s), Image.BICUBIC)
+        if self.augment and self.rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (x - self.mean) / self.std
 
 
 # ---------------------------------------------------------------------------- shared dataset
@@ -32,27 +102,40 @@ class InContextDataset(Dataset):
     """Rows ``{"paths": [image or frames], "prompt", "target", "refs"}`` ->
     ``{"image" [3,H,W] or [T,3,H,W], "index", "prompt", "target", "references", "split"}``."""
 
-    def __init__(self, rows: list[dict[str, Any]], transform, split: str):
+    def __init__(self, rows: list[dict[str, Any]], transform, split: str, eval_transform=None):
         self.rows, self.transform, self.split = rows, transform, split
+        self.eval_transform = eval_transform
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def image(self, i: int) -> torch.Tensor:
+    def image(self, i: int, augment: bool = True) -> torch.Tensor:
+        """Row ``i``'s image (or frames); ``augment=False`` uses the evaluation transform (a training
+        image shown as a demonstration to a test query is not augmented)."""
         paths = self.rows[i]["paths"]
-        ims = [self.transform(read_image(p)) for p in paths]
+        tf = self.transform if augment or self.eval_transform is None else self.eval_transform
+        ims = [tf(read_image(p)) for p in paths]
         return torch.stack(ims) if self.rows[i].get("video") else ims[0]
+
+    def prompt(self, i: int) -> str:
+        """The row's instruction; a list of templates: one at random for training, else the first."""
+        p = self.rows[i]["prompt"]
+        if isinstance(p, str):
+            return p
+        # torch's RNG: seeded by the run, and per DataLoader worker
+        return p[int(torch.randint(len(p), (1,)))] if self.split == "train" else p[0]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.rows[i]
-        return {"image": self.image(i), "index": torch.tensor(i), "prompt": r["prompt"], "target": r["target"],
-                "references": list(r["refs"]), "split": self.split}
+        return {"image": self.image(i), "index": torch.tensor(i), "prompt": self.prompt(i), "target": r["target"],
+                "references": list(r["refs"]), "split": self.split, "image_key": "|".join(r["paths"])}
 
     @staticmethod
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         return {"image": torch.stack([x["image"] for x in items]), "index": torch.stack([x["index"] for x in items]),
                 "prompt": [x["prompt"] for x in items], "target": [x["target"] for x in items],
-                "references": [x["references"] for x in items], "split": [x["split"] for x in items]}
+                "references": [x["references"] for x in items], "split": [x["split"] for x in items],
+                "image_key": [x["image_key"] for x in items]}
 
 
 class InContextDataModule(PromptDataModule):
@@ -64,12 +147,25 @@ class InContextDataModule(PromptDataModule):
 
     kind = "caption"
 
-    def __init__(self, root: str, synthetic: dict | None = None, limit_train: int = 0, limit_test: int = 0, **kw: Any):
+    def __init__(self, root: str, synthetic: dict | None = None, limit_train: int = 0, limit_test: int = 0,
+                 prompt: str | list[str] = CAPTION_PROMPT, text_processor: str = "none", max_words: int = 50,
+                 **kw: Any):
         super().__init__(**kw)
         self.root = Path(root).expanduser()
         self.synthetic = dict(synthetic) if synthetic else None
         self.limit_train, self.limit_test = int(limit_train or 0), int(limit_test or 0)
         self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.prompt = check_prompt(prompt)
+        if text_processor not in TEXT_PROCESSORS:
+            raise DataError(f"data.text_processor must be one of {', '.join(TEXT_PROCESSORS)}, not {text_processor!r}")
+        self.text_processor, self.max_words = text_processor, int(max_words)
+
+    def transform(self, split: str) -> SquashTransform:
+        return SquashTransform(self.image_size, self.mean, self.std, augment=self.augment and split == "train",
+                               seed=self.seed)
+
+    def process_target(self, text: str) -> str:
+        return blip_caption(text, self.max_words) if self.text_processor == "blip_caption" else text
 
     def ensure(self) -> None:
         self.ensure_synthetic_data()
@@ -93,16 +189,29 @@ class InContextDataModule(PromptDataModule):
                             f"e.g. {missing[:3]}")
         self.rows["train"] = self._limit(self.rows["train"], self.limit_train)
         self.rows["test"] = self._limit(self.rows["test"], self.limit_test)
+        if self.text_processor != "none":  # training targets only; references are scored as released
+            self.rows["train"] = [dict(r, target=self.process_target(r["target"])) for r in self.rows["train"]]
 
     def build(self) -> None:
         if not self.rows:
             self.check()
         for split, rows in self.rows.items():
             if rows:
-                self.datasets[split] = InContextDataset(rows, self.transform(split), split)
+                self.datasets[split] = InContextDataset(rows, self.transform(split), split,
+                                                       eval_transform=self.transform("test"))
 
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind}
+        return {"kind": self.kind, "prompt": self.prompt}
+
+
+def check_prompt(prompt: Any) -> str | list[str]:
+    """A string, or a non-empty list of strings (instruction templates)."""
+    if isinstance(prompt, str):
+        return prompt
+    items = list(prompt) if prompt is not None and not isinstance(prompt, (bytes, dict)) else None
+    if not items or not all(isinstance(p, str) for p in items):
+        raise DataError(f"data.prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    return items
 
 
 # ---------------------------------------------------------------------------- Karpathy COCO
@@ -132,22 +241,54 @@ def read_karpathy(path: str | Path, image_root: str | Path, split: str) -> list[
     return out
 
 
+def read_lavis_karpathy(path: str | Path, image_root: str | Path) -> list[dict[str, Any]]:
+    """LAVIS's ``coco_karpathy_{train,val,test}.json`` (lists of {"image", "caption": str | [str]}),
+    grouped by image: {path, refs, id}."""
+    path, image_root = Path(path), Path(image_root)
+    if not path.is_file():
+        raise DataError(f"LAVIS caption file not found: {path} (expected coco_karpathy_{{train,val,test}}.json)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a LAVIS annotation list of {{'image', 'caption'}} entries")
+    by_image: dict[str, dict[str, Any]] = {}
+    for i, a in enumerate(data):
+        if not isinstance(a, dict) or "image" not in a or "caption" not in a:
+            raise DataError(f"{path}: entry [{i}] needs 'image' and 'caption' (has {sorted(a) if isinstance(a, dict) else a!r})")
+        caps = [a["caption"]] if isinstance(a["caption"], str) else list(a["caption"])
+        im = by_image.setdefault(a["image"], {"path": str(image_root / a["image"]), "refs": [],
+                                              "id": a.get("image_id", a["image"])})
+        im["refs"] += [c.strip() for c in caps if c.strip()]
+    empty = [k for k, v in by_image.items() if not v["refs"]]
+    if empty:
+        raise DataError(f"{path}: image {empty[0]!r} has no captions")
+    return list(by_image.values())
+
+
+def read_caption_split(root: Path, ann_file: str, image_root: Path, split: str) -> list[dict[str, Any]]:
+    """One split's images from either layout: ``ann_file`` with ``{split}`` names LAVIS's per-split
+    lists, otherwise Karpathy's single ``dataset_coco.json``."""
+    if "{split}" in ann_file:
+        return read_lavis_karpathy(root / ann_file.format(split=split), image_root)
+    return read_karpathy(root / ann_file, image_root, split)
+
+
 @DATASETS.register("coco_captions")
 class CocoCaptionsDataModule(InContextDataModule):
     kind = "caption"
 
-    def __init__(self, root: str, ann_file: str = "dataset_coco.json", image_root: str | None = None,
-                 prompt: str = CAPTION_PROMPT, **kw: Any):
+    def __init__(self, root: str, ann_file: str = "dataset_coco.json", image_root: str | None = None, **kw: Any):
         super().__init__(root, **kw)
-        self.ann_file, self.prompt = ann_file, prompt
+        self.ann_file = ann_file
         self.image_root = Path(image_root).expanduser() if image_root else self.root
 
     def check(self) -> None:
         self.ensure()
-        ann = self.root / self.ann_file
         self.rows = {}
         for split in ("train", "val", "test"):
-            imgs = read_karpathy(ann, self.image_root, split)
+            imgs = read_caption_split(self.root, self.ann_file, self.image_root, split)
             if split == "train":  # one sample per image-caption pair
                 self.rows[split] = [{"paths": [im["path"]], "prompt": self.prompt, "target": c, "refs": im["refs"]}
                                     for im in imgs for c in im["refs"]]
@@ -155,9 +296,6 @@ class CocoCaptionsDataModule(InContextDataModule):
                 self.rows[split] = [{"paths": [im["path"]], "prompt": self.prompt, "target": im["refs"][0],
                                      "refs": im["refs"]} for im in imgs]
         self.check_rows()
-
-    def info(self) -> dict[str, Any]:
-        return {"kind": "caption", "prompt": self.prompt}
 
 
 def world_references(obj, rng: np.random.Generator, style: str) -> list[str]:

@@ -20,10 +20,21 @@ images are found under a CoOp-style dataset folder (``data.root``) in this order
    ``file_name`` + an image extension, or ``image_<number>.jpg`` (CoOp's Flowers102 names).
 
 Class (sub-category) of an item: ``class_name`` if present, else the item key without its
-trailing ``_<digits>`` (``Sphynx_43`` -> ``Sphynx``, ``707-320_1514522`` -> ``707-320``),
-underscores read as spaces. The class a negative caption swapped in is the longest class
-name it contains that its positive does not (``-1`` if none): the FDRD text-to-image
-protocol needs it (see ``tasks/retrieval.py``).
+trailing ``_<digits>`` (``Sphynx_43`` -> ``Sphynx``, ``707-320_1514522`` -> ``707-320``). An
+underscore in a key stands for a space (``British_Shorthair``) *or* a slash (the planes file
+writes "F-16A/B" as ``F-16A_B_1614884`` and "F/A-18" as ``F_A-18_...``): each underscore takes
+the separator the class's positive captions use (majority over the class's items), else a
+space. Class names are matched in captions as whole words, case-insensitively, with any run
+of spaces/underscores between words (:func:`class_pattern`); :func:`swap_class` replaces
+*every* occurrence, as the released negatives do (1,537 of 3,669 pets captions name their
+class twice or more). The class a negative caption swapped in is the longest class name it
+contains that its positive does not (``-1`` if none): the 1-positive-plus-M-negatives
+text-to-image protocol needs it (see ``tasks/retrieval.py``).
+
+Evaluation files may have no negatives (``"negative": []``, as the DTD, Caltech and UCF test
+files in the DCAR repository's history): whole-gallery Recall@K needs none; the
+1-positive-plus-M-negatives metrics are then skipped. Within one file every item must have
+the same number of negatives.
 
 The synthetic writer (``@SYNTHETIC.register("fdrd")``) writes the same JSON format, with
 foreign absolute ``file_path`` values like the released files, and sub-category-swapped
@@ -46,14 +57,60 @@ from prompttune.utils import atomic_write_json
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 _TRAILING_NUM = re.compile(r"_\d+$")
+# a class name is a whole "word": not inside a longer name ("A330" is not in "A330-200", "F-16A/B" not in "XF-16A/B")
+_WORD_START = r"(?<![\w/])(?<!\w-)"
+_WORD_END = r"(?![\w/]|-\w)"
 
 
-def class_from_key(key: str) -> str:
+def key_stem(key: str) -> str:
+    """The class part of an item key, underscores kept: ``F-16A_B_1614884`` -> ``F-16A_B``."""
     stem = key
     for ext in IMAGE_EXTS:
         if stem.endswith(ext):
             stem = stem[: -len(ext)]
-    return _TRAILING_NUM.sub("", stem).replace("_", " ").strip()
+    return _TRAILING_NUM.sub("", stem).strip()
+
+
+def class_from_key(key: str, captions: list[str] | tuple[str, ...] = ()) -> str:
+    """Class name of an item key; each ``_`` becomes the separator (space or '/') that the
+    captions use at that place (majority vote over the captions that name the class), else a space."""
+    stem = key_stem(key)
+    parts = stem.split("_")
+    if len(parts) == 1:
+        return stem
+    pat = re.compile(_WORD_START + r"([ /_])".join(re.escape(p) for p in parts) + _WORD_END, re.IGNORECASE)
+    votes: dict[tuple[str, ...], int] = {}
+    for cap in captions:
+        for m in pat.finditer(cap):
+            seps = tuple(" " if g == "_" else g for g in m.groups())
+            votes[seps] = votes.get(seps, 0) + 1
+    seps = max(votes, key=lambda k: (votes[k], k.count(" "))) if votes else (" ",) * (len(parts) - 1)
+    out = parts[0]
+    for sep, part in zip(seps, parts[1:]):
+        out += sep + part
+    return out.strip()
+
+
+def class_pattern(classname: str) -> re.Pattern:
+    """Whole-word, case-insensitive match of a class name; spaces/underscores match any run of them."""
+    words = [w for w in re.split(r"[\s_]+", classname.strip()) if w]
+    if not words:
+        raise ValueError("empty class name")
+    body = r"[\s_]+".join(re.escape(w) for w in words)
+    return re.compile(_WORD_START + body + _WORD_END, re.IGNORECASE)
+
+
+def contains_class(caption: str, classname: str) -> bool:
+    return bool(classname) and class_pattern(classname).search(caption) is not None
+
+
+def swap_class(caption: str, old: str, new: str) -> str | None:
+    """``caption`` with *every* occurrence of class ``old`` (any case, whole words) replaced by
+    ``new``; ``None`` when ``old`` does not occur."""
+    if not old:
+        return None
+    out, n = class_pattern(old).subn(lambda _m: new, caption)
+    return out if n else None
 
 
 def read_fdrd_json(path: Path, need_negatives: bool) -> list[dict[str, Any]]:
@@ -81,19 +138,24 @@ def read_fdrd_json(path: Path, need_negatives: bool) -> list[dict[str, Any]]:
         negs = rec["negative"]
         if not isinstance(negs, list) or not all(isinstance(n, str) for n in negs):
             raise DataError(f"FDRD file {path}, item {key!r}: 'negative' must be a list of caption strings")
-        if need_negatives:
-            if not negs:
-                raise DataError(f"FDRD file {path}, item {key!r}: evaluation items need negative captions "
-                                "(FDRD test items have four sub-category-swapped negatives)")
+        if need_negatives:  # evaluation files: 0 negatives is fine (whole-gallery R@K), but the same count everywhere
             if n_neg is None:
                 n_neg = len(negs)
             elif len(negs) != n_neg:
                 raise DataError(f"FDRD file {path}, item {key!r}: has {len(negs)} negatives, earlier items "
-                                f"have {n_neg}; every evaluation item needs the same number")
-        cls = rec.get("class_name") or class_from_key(str(key))
+                                f"have {n_neg}; every evaluation item needs the same number (0 is allowed)")
         out.append({"key": str(key), "file_name": str(rec.get("file_name") or key), "file_path": str(rec["file_path"]),
                     "number": rec.get("number"), "positive": rec["positive"], "negative": list(negs),
-                    "class_name": str(cls).replace("_", " ").strip()})
+                    "class_name": str(rec["class_name"]).replace("_", " ").strip() if rec.get("class_name") else None})
+    # key-derived class names: resolve '_' as ' ' or '/' from all captions of the class at once
+    by_stem: dict[str, list[str]] = {}
+    for r in out:
+        if r["class_name"] is None:
+            by_stem.setdefault(key_stem(r["key"]), []).append(r["positive"])
+    names = {stem: class_from_key(stem, caps) for stem, caps in by_stem.items()}
+    for r in out:
+        if r["class_name"] is None:
+            r["class_name"] = names[key_stem(r["key"])]
     return out
 
 
@@ -139,12 +201,10 @@ class ImageLocator:
 
 
 def swapped_class(negative: str, positive: str, classnames: list[str]) -> int:
-    """Index of the longest class name in ``negative`` and not in ``positive`` (case-insensitive); -1 if none."""
-    neg, pos = negative.lower(), positive.lower()
+    """Index of the longest class name in ``negative`` and not in ``positive`` (whole words, any case); -1 if none."""
     best, best_len = -1, 0
     for i, c in enumerate(classnames):
-        c = c.lower()
-        if len(c) > best_len and c in neg and c not in pos:
+        if len(c) > best_len and contains_class(negative, c) and not contains_class(positive, c):
             best, best_len = i, len(c)
     return best
 
@@ -296,7 +356,7 @@ def write_fdrd(root: Path, n_train: int = 16, n_val: int = 4, n_test: int = 20, 
                     continue
                 extra = [others[j] for j in rng.permutation(len(others))]
                 swaps = (siblings + extra)[:n_negatives]
-                negs = [pos.replace(cls, s) for s in swaps]
+                negs = [swap_class(pos, cls, s) for s in swaps]
                 files[split][key] = {"file_name": fname,
                                      "file_path": f"/root/DATA/synth_fdrd/images/{fname}.png",
                                      "positive": pos, "negative": negs}

@@ -14,14 +14,26 @@
   ``devkit/cars_test_annos_withlabels.mat`` (``annotations``: ``fname``, ``class``),
   optional ``devkit/cars_meta.mat``.
 * ``vpt_json`` -- VPT's prepared splits: ``train.json`` / ``val.json`` / ``test.json``
-  mapping ``relpath -> label`` (images under ``image_dir``).
+  mapping ``relpath -> label`` (images under ``image_dir``: VPT's ``get_imagedir``,
+  ``src/data/datasets/json_dataset.py:126-173``: ``images`` for CUB and NABirds, ``Images``
+  for Dogs, the dataset folder itself (``.``) for Cars and Flowers). Labels are remapped to
+  0..C-1 in sorted order of the ids, as VPT does (``json_dataset.py:59-66``; NABirds' ids are
+  sparse); VPT maps each split by its own ids, here every split uses the training split's map
+  (the same when every split holds every class) and an id absent from training is an error.
 * ``list`` -- SPT's lists: ``train_list`` / ``test_list`` text files of ``relpath label``.
 
 The ``.mat`` layouts need scipy (``pip install "prompttune[fgvc]"`` or ``pip install scipy``), imported only for them.
 
-Transforms (SPT's FGVC protocol): train ``RandomResizedCrop(size)`` + horizontal flip when
-``augment`` is on; evaluation (and training without augmentation) ``Resize(size·256/224)``
-+ ``CenterCrop(size)``, bicubic, normalised with the backbone's mean / std.
+Transforms: SPT's FGVC protocol by default: train ``RandomResizedCrop(size)`` + horizontal
+flip when ``augment`` is on; evaluation (and training without augmentation)
+``Resize(size·256/224)`` + ``CenterCrop(size)``, bicubic (``Dataset/FGVC.py:47-59``).
+VPT's: ``train_crop: resize_random`` (Resize 256 + RandomCrop 224 + flip) with
+``interpolation: bilinear`` (``src/data/transforms.py:14-40``). Normalised with the
+backbone's mean / std (ImageNet statistics for every ViT weight).
+
+Validation split (for ``select: val``): VPT's ``val.json`` and Flowers' ``valid`` ids are used
+as they are; for the other layouts ``val_fraction`` > 0 holds out that fraction of every
+class of the training split (seeded by ``val_seed``), trained on none of it.
 """
 
 from __future__ import annotations
@@ -33,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from prompttune.data.base import DataError, ImageTransform, ListDataset, PromptDataModule
+from prompttune.data.base import (INTERPOLATIONS, TRAIN_CROPS, DataError, ImageTransform, ListDataset,
+                                  PromptDataModule)
 from prompttune.registry import DATASETS, SYNTHETIC
 from prompttune.utils import atomic_write_json
 
@@ -143,7 +156,28 @@ def read_vpt_json(root: Path, image_dir: str) -> dict[str, list]:
         if not isinstance(data, dict) or not all(isinstance(v, int) for v in list(data.values())[:5]):
             raise DataError(f"{f} must map image paths to integer labels, e.g. {{\"a/b.jpg\": 3}}")
         out[split] = [(str(Path(image_dir) / k), int(v)) for k, v in data.items()]
+    ids = sorted({lab for _, lab in out["train"]})
+    remap = {c: i for i, c in enumerate(ids)}
+    for split, rows in out.items():
+        unknown = sorted({lab for _, lab in rows if lab not in remap})
+        if unknown:
+            raise DataError(f"{root / (split + '.json')}: class ids {unknown[:5]} do not occur in train.json")
+        out[split] = [(p, remap[lab]) for p, lab in rows]
     return out
+
+
+def hold_out(rows: list[tuple[str, int]], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, val): ``round(fraction·n_c)`` images of every class c (at least 1 if it has 2+) go to val."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, (_, lab) in enumerate(rows):
+        by_class.setdefault(lab, []).append(i)
+    val: set[int] = set()
+    for lab in sorted(by_class):
+        idx = by_class[lab]
+        k = min(len(idx) - 1, max(1, int(round(fraction * len(idx))))) if len(idx) > 1 else 0
+        val.update(rng.permutation(idx)[:k].tolist())
+    return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
 
 
 def read_list_file(path: Path, image_dir: str) -> list[tuple[str, int]]:
@@ -211,6 +245,16 @@ class ItemsDataModule(PromptDataModule):
     def make_transform(self, split: str):
         return self.transform(split)
 
+    def val_dataloader(self):
+        if not getattr(self, "splits", None):
+            self.check()
+        if not self.splits.get("val"):
+            raise DataError(f"{type(self).__name__} at {self.root} has no validation split: "
+                            + self.no_val_hint)
+        return super().val_dataloader()
+
+    no_val_hint = "set data.val_fraction (e.g. 0.1) to hold one out of the training split"
+
     def build(self) -> None:
         if not getattr(self, "splits", None):
             self.check()
@@ -229,12 +273,21 @@ class ItemsDataModule(PromptDataModule):
 class FGVCDataModule(ItemsDataModule):
     def __init__(self, root: str, layout: str = "auto", image_dir: str = "images", train_list: str | None = None,
                  test_list: str | None = None, resize_ratio: float = 256 / 224, synthetic: dict | None = None,
-                 **kw: Any):
+                 train_crop: str = "random_resized", interpolation: str = "bicubic", val_fraction: float = 0.0,
+                 val_seed: int = 0, **kw: Any):
         super().__init__(root, synthetic, "the dataset folder", **kw)
         if layout not in LAYOUTS:
             raise DataError(f"data.layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        if train_crop not in TRAIN_CROPS:
+            raise DataError(f"data.train_crop={train_crop!r}: expected one of {', '.join(TRAIN_CROPS)}")
+        if interpolation not in INTERPOLATIONS:
+            raise DataError(f"data.interpolation={interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise DataError(f"data.val_fraction={val_fraction!r}: expected a number in [0, 1)")
         self.layout, self.image_dir = layout, image_dir
         self.train_list, self.test_list, self.resize_ratio = train_list, test_list, float(resize_ratio)
+        self.train_crop, self.interpolation = train_crop, interpolation
+        self.val_fraction, self.val_seed = float(val_fraction), int(val_seed)
 
     def check(self) -> None:
         self.prepare_root("FGVC dataset", "one of the layouts cub, flowers, dogs, cars, vpt_json, list")
@@ -259,12 +312,18 @@ class FGVCDataModule(ItemsDataModule):
             splits = {"train": read_list_file(self.root / self.train_list, self.image_dir),
                       "test": read_list_file(self.root / self.test_list, self.image_dir)}
         self.detected_layout = layout
+        if self.val_fraction > 0:
+            if splits.get("val"):
+                raise DataError(f"data.val_fraction={self.val_fraction} but the {layout} layout of {self.root} has its "
+                                "own validation split; set data.val_fraction=0")
+            splits["train"], splits["val"] = hold_out(splits["train"], self.val_fraction, self.val_seed)
         self.splits = splits
         self._finish_check(f"FGVC dataset {self.root} ({layout} layout)")
 
     def make_transform(self, split: str) -> ImageTransform:
         return ImageTransform(self.image_size, self.mean, self.std, augment=self.augment and split == "train",
-                              resize_ratio=self.resize_ratio, seed=self.seed)
+                              resize_ratio=self.resize_ratio, seed=self.seed, train_crop=self.train_crop,
+                              interpolation=self.interpolation)
 
 
 # ------------------------------------------------------------------ synthetic world, CUB layout

@@ -7,19 +7,23 @@ Layout (the one InMeMo's and HSNet's loaders read)::
     <root>/<split_dir>/trn/fold<K>.txt                 one "<id>__<class:02d>" per line
     <root>/<split_dir>/val/fold<K>.txt
 
-``split_dir`` defaults to ``splits/pascal`` (copy ``evaluate/splits/pascal`` of the official
-repositories there). For fold K, the training queries and the in-context pool are the lines of
-``trn/foldK.txt``; the test episodes are ``episodes`` (1000) passes over ``val/foldK.txt``, as
-the official evaluation does (``idx % len(val)``). A query's label is the binary mask of its
-listed class (white on black), resized with the image to the canvas cell (bicubic, as
+``split_dir`` defaults to ``splits/pascal``. The official split files ship inside the official
+code: ``evaluate/splits/pascal/{trn,val}/fold{0..3}.txt`` of amirbar/visual_prompting and of
+Jackieam/InMeMo (identical lists); either copy that folder to ``<root>/splits/pascal`` or point
+``data.split_dir`` at it (an absolute path is used as is: ``data.split_dir=/src/InMeMo/evaluate/splits/pascal``).
+For fold K, the training queries and the in-context pool are the lines of ``trn/foldK.txt``
+(an image listed under several classes is one line per class); the test episodes are
+``episodes`` (1000) passes over ``val/foldK.txt``, as the official evaluation does
+(``idx % len(val)``). A query's label is the binary mask of its listed class (white on black),
+resized with the image to the canvas cell (``data.interpolation``: bicubic, as
 ``T.Resize((111, 111), 3)``).
 
-The in-context pair of each query (``pair``): ``none`` (blank support cells), ``random``, or
-``retrieved`` (top-1 cosine similarity of the ``retriever`` backbone's image features, computed
-once per image set and cached), optionally ``class_matched``; ``prepare_pairs`` runs in the
-method's setup. The synthetic world writes this layout
-(``synthetic: {kind: pascal5i}``): 16 classes "<pattern> <shape>", fold K holding the four
-shapes of pattern K, with a distractor object of another shape in some scenes.
+The in-context pair of each query (``pair``) and the label shown for multi-class pool images
+(``support_class``) are chosen in ``prompttune/data/icl_pairs.py`` (its docstring cites the
+official code); ``prepare_pairs`` runs in the method's setup. ``val_fraction`` holds out
+training images as validation queries (for ``select: val``). The synthetic world writes this
+layout (``synthetic: {kind: pascal5i}``): 16 classes "<pattern> <shape>", fold K holding the
+four shapes of pattern K, with a distractor object of another shape in some scenes.
 """
 
 from __future__ import annotations
@@ -38,43 +42,59 @@ from prompttune.registry import DATASETS, SYNTHETIC
 LINE = re.compile(r"^(?P<id>[^\s/]+)__(?P<cls>\d+)$")
 
 
-def resize_image(img, cell: int) -> torch.Tensor:
+INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+def _pil_filter(interpolation: str):
     from PIL import Image
 
-    img = img.resize((cell, cell), Image.BICUBIC)
+    if interpolation not in INTERPOLATIONS:
+        raise DataError(f"data.interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
+    return Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
+
+
+def resize_image(img, cell: int, interpolation: str = "bicubic") -> torch.Tensor:
+    img = img.resize((cell, cell), _pil_filter(interpolation))
     return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
 
 
-def resize_mask(mask: np.ndarray, cell: int) -> torch.Tensor:
-    """Bool mask -> [3, cell, cell] white-on-black in [0, 1] (bicubic, clipped, like the official ToTensor)."""
+def resize_mask(mask: np.ndarray, cell: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """Bool mask -> [3, cell, cell] white-on-black in [0, 1] (resized as an 8-bit image, as the
+    official ``T.Resize`` + ``ToTensor`` on the 'L'-mode label: bicubic/bilinear, clipped to 0..255)."""
     from PIL import Image
 
-    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((cell, cell), Image.BICUBIC)
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((cell, cell), _pil_filter(interpolation))
     m = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()) / 255.0
     return m.clamp(0, 1).unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
 class EpisodeDataset(Dataset):
-    """Query items with their assigned in-context pair; item ``i`` is query ``i % len(queries)``."""
+    """Episode ``i`` is query ``i % len(queries)`` with its in-context pair from ``pool``.
+
+    ``pairs`` holds one pool index per query, or one per episode (Bar et al.'s per-episode draws).
+    """
 
     def __init__(self, queries: list[dict], pool: list[dict], pairs: list[int], cell: int, load_mask,
-                 length: int | None = None, key_offset: int = 0, blank_support: bool = False):
-        if len(pairs) != len(queries):
-            raise DataError(f"{len(pairs)} in-context pairs for {len(queries)} queries")
-        self.queries, self.pool, self.pairs, self.cell, self.load_mask = queries, pool, pairs, cell, load_mask
+                 length: int | None = None, key_offset: int = 0, blank_support: bool = False,
+                 interpolation: str = "bicubic"):
         self.length = int(length) if length else len(queries)
-        self.key_offset, self.blank_support = key_offset, blank_support
+        if len(pairs) not in (len(queries), self.length):
+            raise DataError(f"{len(pairs)} in-context pairs for {len(queries)} queries / {self.length} episodes")
+        self.queries, self.pool, self.pairs, self.cell, self.load_mask = queries, pool, pairs, cell, load_mask
+        self.per_episode = len(pairs) == self.length and len(pairs) != len(queries)
+        self.key_offset, self.blank_support, self.interpolation = key_offset, blank_support, interpolation
 
     def __len__(self) -> int:
         return self.length
 
     def _load(self, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
         img = read_image(item["path"])
-        return resize_image(img, self.cell), resize_mask(self.load_mask(item, img.size), self.cell)
+        return (resize_image(img, self.cell, self.interpolation),
+                resize_mask(self.load_mask(item, img.size), self.cell, self.interpolation))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         qi = i % len(self.queries)
-        si = self.pairs[qi]
+        si = self.pairs[i if self.per_episode else qi]
         q, s = self.queries[qi], self.pool[si]
         q_img, q_mask = self._load(q)
         if self.blank_support:  # "no in-context pair": both support cells stay white, like the canvas
@@ -87,23 +107,43 @@ class EpisodeDataset(Dataset):
 
 
 class EpisodicDataModule(PromptDataModule):
-    """Base of the in-context datamodules: queries per split, a support pool, pairs set by the method."""
+    """Base of the in-context datamodules: queries per split, a support pool, pairs per query.
+
+    Splits: ``train`` (training queries), ``test``, and ``val`` when ``val_fraction`` > 0: that
+    share of the training *images* (all lines of an image together, drawn with the run's seed)
+    is held out as validation queries for ``select: val``; they leave the training queries and
+    the pool. The pool is the training list.
+    """
+
+    kind = "segmentation"
+    default_interpolation = "bicubic"
 
     def __init__(self, root: str, episodes: int = 1000, train_limit: int = 0, synthetic: dict | None = None,
                  pair: str = "retrieved", class_matched: bool = False, retriever: str = "zoo_clip",
-                 retriever_weights: str | None = None, pair_seed: int | None = None, **kw: Any):
+                 retriever_weights: str | None = None, pair_seed: int | None = None,
+                 support_class: str = "official", val_fraction: float = 0.0, interpolation: str | None = None,
+                 **kw: Any):
         super().__init__(**kw)
-        from prompttune.methods._icl import PAIR_CHOICES
+        from prompttune.data.icl_pairs import PAIR_CHOICES, SUPPORT_CLASS_CHOICES
 
         if pair not in PAIR_CHOICES:
             raise DataError(f"data.pair must be one of {', '.join(PAIR_CHOICES)}, not {pair!r}")
+        if support_class not in SUPPORT_CLASS_CHOICES:
+            raise DataError(f"data.support_class must be one of {', '.join(SUPPORT_CLASS_CHOICES)}, "
+                            f"not {support_class!r}")
+        if not 0 <= float(val_fraction) < 1:
+            raise DataError(f"data.val_fraction must be in [0, 1), not {val_fraction!r}")
+        self.interpolation = interpolation or self.default_interpolation
+        _pil_filter(self.interpolation)
         self.pair, self.class_matched, self.retriever = pair, bool(class_matched), retriever
-        self.retriever_weights, self.pair_seed = retriever_weights, pair_seed
+        self.retriever_weights, self.pair_seed, self.support_class = retriever_weights, pair_seed, support_class
+        self.val_fraction = float(val_fraction)
         self.root = Path(root).expanduser() if root else None
         self.episodes, self.train_limit = int(episodes), int(train_limit)
         self.synthetic = dict(synthetic) if synthetic else None
         self._items: dict[str, list[dict]] = {}
         self._pairs: dict[str, list[int]] = {}
+        self._pair_pool: dict[str, str] = {}  # split -> the list its pairs index ("pool" or the split itself)
         self.cell = 111
 
     def configure_for(self, backbone: Any) -> None:
@@ -129,15 +169,25 @@ class EpisodicDataModule(PromptDataModule):
         for split in ("pool", "train", "test"):
             if not self._items.get(split):
                 raise DataError(f"{self.root}: the {split!r} split has no usable items")
+        rng = np.random.default_rng(self.seed)
+        if self.val_fraction:
+            ids = sorted({it["id"] for it in self._items["train"]})
+            n_val = max(1, int(round(self.val_fraction * len(ids))))
+            if n_val >= len(ids):
+                raise DataError(f"data.val_fraction={self.val_fraction} leaves no training image "
+                                f"({len(ids)} images)")
+            held = set(rng.choice(ids, size=n_val, replace=False).tolist())
+            self._items["val"] = [it for it in self._items["train"] if it["id"] in held]
+            self._items["train"] = [it for it in self._items["train"] if it["id"] not in held]
+            self._items["pool"] = [it for it in self._items["pool"] if it["id"] not in held]
         if self.train_limit:
-            rng = np.random.default_rng(self.seed)
             tr = self._items["train"]
             keep = sorted(rng.choice(len(tr), size=min(self.train_limit, len(tr)), replace=False))
             self._items["train"] = [tr[i] for i in keep]
         read_image(self._items["test"][0]["path"])  # a corrupt first image fails now, not mid-run
 
     def query_splits(self) -> list[str]:
-        return ["train", "test"]
+        return [s for s in ("train", "val", "test") if s in self._items]
 
     def _view(self, items: list[dict]) -> dict[str, list]:
         return {"ids": [it["id"] for it in items], "paths": [it["path"] for it in items],
@@ -153,57 +203,76 @@ class EpisodicDataModule(PromptDataModule):
             self.check()
         return self._view(self._items[split])
 
+    def n_episodes(self, split: str) -> int:
+        return self.episodes if split == "test" and self.episodes else len(self._items[split])
+
     def prepare_pairs(self, backbone_weights: str | None = None) -> None:
-        """Choose every query's in-context pair (``data.pair``), with features cached per image set."""
-        from prompttune.methods._icl import build_retriever, image_features, select_pairs
+        """Choose every query's in-context pair (``data.pair``); similarities cached per image set."""
+        from prompttune.data.icl_pairs import build_retriever, pool_images, random_same_class_pairs, select_pairs, similarity
 
         if not self._items:
             self.check()
         seed = self.seed if self.pair_seed is None else int(self.pair_seed)
+        splits = self.query_splits()
+        if self.pair == "random_same_class":  # Bar et al.: per episode, from the query's own list
+            for split in splits:
+                q = self.queries(split)
+                n = self.n_episodes(split) if split != "train" else len(q["ids"])
+                self.assign_pairs(split, random_same_class_pairs(q["ids"], q["classes"], n, seed), pool=split)
+            return
         rw = self.retriever_weights or backbone_weights
         retriever = build_retriever(self.retriever, rw) if self.pair == "retrieved" else None
         key = f"{self.retriever}:{rw}"
         pool = self.pool()
-        pool_feats = image_features(retriever, pool["paths"], key) if retriever else None
-        for split in self.query_splits():
+        ids, _, _ = pool_images(pool["ids"], pool["classes"])
+        path_of = dict(zip(pool["ids"], pool["paths"]))
+        for split in splits:
             q = self.queries(split)
-            q_feats = image_features(retriever, q["paths"], key) if retriever else None
+            sims = similarity(retriever, key, q["paths"], [path_of[i] for i in ids]) if retriever else None
             strategy = "random" if self.pair == "none" else self.pair
             self.assign_pairs(split, select_pairs(strategy, q["ids"], q["classes"], pool["ids"], pool["classes"],
-                                                  self.class_matched, seed + (split == "train"), q_feats, pool_feats))
+                                                  self.class_matched, seed + (split == "train"), sims=sims,
+                                                  training=split == "train", support_class=self.support_class))
 
-    def assign_pairs(self, split: str, pool_index: list[int]) -> None:
-        n, m = len(self._items[split]), len(self._items["pool"])
-        if len(pool_index) != n or any(not 0 <= int(i) < m for i in pool_index):
+    def assign_pairs(self, split: str, pool_index: list[int], pool: str = "pool") -> None:
+        """Set the pairs of ``split``: indices into ``pool`` (the pool list, or a split's own list),
+        one per query or one per episode."""
+        n, m = len(self._items[split]), len(self._items[pool])
+        if len(pool_index) not in (n, self.n_episodes(split)) or any(not 0 <= int(i) < m for i in pool_index):
             raise DataError(f"assign_pairs({split!r}): need {n} pool indices in [0, {m})")
         self._pairs[split] = [int(i) for i in pool_index]
+        self._pair_pool[split] = pool
         self.datasets.pop(split, None)
 
     def build(self) -> None:
         if not self._items:
             self.check()
         rng = np.random.default_rng(self.seed)
-        pool = self._items["pool"]
-        for code, split in enumerate(("train", "test")):
+        for code, split in enumerate(self.query_splits()):
             q = self._items[split]
+            pool = self._items[self._pair_pool.get(split, "pool")]
             pairs = self._pairs.get(split)
             if pairs is None:  # no method chose: a random pool item per query
                 pairs = [int(rng.integers(len(pool))) for _ in q]
-            length = self.episodes if split == "test" and self.episodes else len(q)
-            self.datasets[split] = EpisodeDataset(q, pool, pairs, self.cell, self.load_mask, length,
-                                                  key_offset=code * 10 ** 12, blank_support=self.pair == "none")
+            self.datasets[split] = EpisodeDataset(q, pool, pairs, self.cell, self.load_mask, self.n_episodes(split),
+                                                  key_offset=code * 10 ** 12, blank_support=self.pair == "none",
+                                                  interpolation=self.interpolation)
 
     def setup(self, stage: str | None = None) -> None:
-        if any(s not in self.datasets for s in ("train", "test")):
+        if any(s not in self.datasets for s in self.query_splits()):
             self.build()
 
     def _loader(self, split, shuffle):
         if split not in self.datasets:
+            if split == "val" and "val" not in self._items:
+                raise DataError("this in-context dataset has no validation split: set data.val_fraction "
+                                "(e.g. 0.1) to hold out training images as validation queries")
             self.build()
         return super()._loader(split, shuffle)
 
     def info(self) -> dict[str, Any]:
-        return {"classnames": getattr(self, "classnames", []), "cell": self.cell, "pair": self.pair}
+        return {"classnames": getattr(self, "classnames", []), "cell": self.cell, "pair": self.pair,
+                "kind": self.kind}
 
 
 @DATASETS.register("pascal5i")

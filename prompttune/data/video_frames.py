@@ -1,21 +1,31 @@
-"""Video captioning from frame folders (MSR-VTT / MSVD style), and the synthetic writer.
+"""Video captioning from frame folders (MSR-VTT, MSVD), and the synthetic writer.
 
-Layout::
+Layouts (``layout``):
 
-    root/videodatainfo.json     {"videos": [{"video_id": "video0", "split": "train|validate|test"}],
-                                 "sentences": [{"video_id": "video0", "caption": "..."}]}
-    root/frames/video0/000001.png ...   (frames extracted beforehand, e.g. with ffmpeg; any of
-                                         .png/.jpg/.jpeg, read in name order)
+* ``msrvtt`` -- MSR-VTT's release read directly: ``ann_file`` is one JSON or a list of them,
+  merged (the real release: ``[train_val_videodatainfo.json, test_videodatainfo.json]``)::
 
-This is MSR-VTT's ``train_val_videodatainfo.json`` layout; MSVD is converted to it by
-listing its clips and captions the same way. ``num_frames`` frames are sampled uniformly
-(first and last included); the backbone concatenates their ViT tokens along the token axis
-before the Q-Former, as MMICT does for multi-image segments.
+    {"videos": [{"video_id": "video0", "split": "train|validate|test", ...}],
+     "sentences": [{"video_id": "video0", "caption": "...", "sen_id": 0}]}
+
+* ``msvd`` -- the usual MSVD (YouTube2Text) distribution: ``ann_file`` lines
+  ``<clip> <caption words>`` (``annotations.txt`` / ``AllVideoDescriptions.txt``; ``#`` lines
+  skipped), where ``<clip>`` is the YouTube clip name (``-4wsuPCjDBc_5_15``) mapped to ``vidN``
+  by ``mapping_file`` (``youtube_mapping.txt``: ``<clip> vidN`` per line), or already ``vidN``.
+  Split: the standard one of Venugopalan et al. (2015), used by LAVIS's and MMICT's MSVD
+  captioning: vid1-1200 train, vid1201-1300 val, vid1301-1970 test.
+
+Frames: ``root/<frames_dir>/<video id>/*.{png,jpg,jpeg}`` (extracted beforehand, e.g. with ffmpeg;
+read in name order; MSVD folders may be named by ``vidN`` or by the clip name).
+``num_frames`` frames are sampled uniformly (first and last included); the backbone
+concatenates their ViT tokens along the token axis before the Q-Former, as MMICT does for
+multi-image segments.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,36 +46,112 @@ def sample_frames(frames: list[Path], n: int) -> list[Path]:
     return [frames[i] for i in pick]
 
 
-def read_video_captions(root: str | Path, ann_file: str, frames_dir: str, num_frames: int) -> dict[str, list[dict]]:
-    root = Path(root)
-    path = root / ann_file
+LAYOUTS = ("msrvtt", "msvd")
+MSVD_SPLITS = (("train", 1, 1200), ("val", 1201, 1300), ("test", 1301, 1970))
+
+
+def _load_json(path: Path) -> Any:
     if not path.is_file():
-        raise DataError(f"video caption file not found: {path} (expected MSR-VTT-style videodatainfo JSON)")
+        raise DataError(f"video caption file not found: {path} (expected MSR-VTT videodatainfo JSON)")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("videos"), list) or not isinstance(data.get("sentences"), list):
-        raise DataError(f"{path}: expected a JSON object with 'videos' and 'sentences' lists")
+
+
+def read_msrvtt_annotations(root: Path, ann_files: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Merge MSR-VTT ``videodatainfo`` files: ({video_id: split}, {video_id: captions})."""
+    splits: dict[str, str] = {}
     caps: dict[str, list[str]] = {}
-    for i, s in enumerate(data["sentences"]):
-        if "video_id" not in s or "caption" not in s:
-            raise DataError(f"{path}: sentences[{i}] needs 'video_id' and 'caption' (has {sorted(s)})")
-        caps.setdefault(s["video_id"], []).append(s["caption"].strip())
-    out: dict[str, list[dict]] = {k: [] for k in SPLIT_NAMES}
-    for i, v in enumerate(data["videos"]):
-        if "video_id" not in v or "split" not in v:
-            raise DataError(f"{path}: videos[{i}] needs 'video_id' and 'split' (has {sorted(v)})")
-        split = next((k for k, names in SPLIT_NAMES.items() if v["split"] in names), None)
+    for name in ann_files:
+        path = root / name
+        data = _load_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("videos"), list) \
+                or not isinstance(data.get("sentences"), list):
+            raise DataError(f"{path}: expected a JSON object with 'videos' and 'sentences' lists")
+        for i, v in enumerate(data["videos"]):
+            if "video_id" not in v or "split" not in v:
+                raise DataError(f"{path}: videos[{i}] needs 'video_id' and 'split' (has {sorted(v)})")
+            split = next((k for k, names in SPLIT_NAMES.items() if v["split"] in names), None)
+            if split is None:
+                raise DataError(f"{path}: videos[{i}] has split {v['split']!r}; expected train, validate or test")
+            if v["video_id"] in splits:
+                raise DataError(f"{path}: video {v['video_id']!r} is listed twice (in {', '.join(ann_files)})")
+            splits[v["video_id"]] = split
+        for i, sent in enumerate(data["sentences"]):
+            if "video_id" not in sent or "caption" not in sent:
+                raise DataError(f"{path}: sentences[{i}] needs 'video_id' and 'caption' (has {sorted(sent)})")
+            caps.setdefault(sent["video_id"], []).append(sent["caption"].strip())
+    return splits, caps
+
+
+def read_msvd_annotations(root: Path, ann_file: str, mapping_file: str | None
+                          ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str]]:
+    """MSVD ``annotations.txt`` (+ ``youtube_mapping.txt``): ({vidN: split}, {vidN: captions},
+    {vidN: youtube clip name})."""
+    path = root / ann_file
+    if not path.is_file():
+        raise DataError(f"MSVD caption file not found: {path} (expected lines '<clip> <caption>', e.g. annotations.txt)")
+    mapping: dict[str, str] = {}
+    if mapping_file:
+        mpath = root / mapping_file
+        if not mpath.is_file():
+            raise DataError(f"MSVD mapping file not found: {mpath} (expected lines '<youtube clip> vidN')")
+        for n, line in enumerate(mpath.read_text().splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not re.fullmatch(r"vid\d+", parts[1]):
+                raise DataError(f"{mpath}:{n}: expected '<youtube clip> vidN', got {line!r}")
+            mapping[parts[0]] = parts[1]
+    caps: dict[str, list[str]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) < 2:
+            raise DataError(f"{path}:{n}: expected '<clip> <caption>', got {line!r}")
+        clip, cap = parts
+        vid = clip if re.fullmatch(r"vid\d+", clip) else mapping.get(clip)
+        if vid is None:
+            raise DataError(f"{path}:{n}: clip {clip!r} is not in the mapping file "
+                            f"({mapping_file or 'data.mapping_file is not set'})")
+        caps.setdefault(vid, []).append(cap.strip())
+    splits = {}
+    for vid in caps:
+        num = int(vid[3:])
+        split = next((s for s, lo, hi in MSVD_SPLITS if lo <= num <= hi), None)
         if split is None:
-            raise DataError(f"{path}: videos[{i}] has split {v['split']!r}; expected train, validate or test")
-        folder = root / frames_dir / v["video_id"]
+            raise DataError(f"{path}: {vid} is outside MSVD's vid1-vid1970 (standard split)")
+        splits[vid] = split
+    return splits, caps, {v: k for k, v in mapping.items()}
+
+
+def read_video_captions(root: str | Path, ann_file: str | list[str], frames_dir: str, num_frames: int,
+                        layout: str = "msrvtt", mapping_file: str | None = None) -> dict[str, list[dict]]:
+    """{split: [{paths (sampled frames), refs}]} for train / val / test."""
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise DataError(f"data.layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    names = [ann_file] if isinstance(ann_file, str) else [str(a) for a in ann_file]
+    if layout == "msrvtt":
+        splits, caps = read_msrvtt_annotations(root, names)
+        clip_names: dict[str, str] = {}
+    else:
+        if len(names) != 1:
+            raise DataError(f"data.ann_file: the msvd layout reads one annotations file, got {names}")
+        splits, caps, clip_names = read_msvd_annotations(root, names[0], mapping_file)
+    out: dict[str, list[dict]] = {k: [] for k in SPLIT_NAMES}
+    for vid, split in splits.items():
+        folder = root / frames_dir / vid
+        if not folder.is_dir() and vid in clip_names:
+            folder = root / frames_dir / clip_names[vid]
         frames = sorted(p for p in folder.glob("*") if p.suffix.lower() in FRAME_EXTS) if folder.is_dir() else []
         if not frames:
-            raise DataError(f"no frames for video {v['video_id']!r}: expected images ({', '.join(FRAME_EXTS)}) in {folder}")
-        if v["video_id"] not in caps:
-            raise DataError(f"{path}: video {v['video_id']!r} has no captions")
-        out[split].append({"paths": [str(p) for p in sample_frames(frames, num_frames)], "refs": caps[v["video_id"]]})
+            raise DataError(f"no frames for video {vid!r}: expected images ({', '.join(FRAME_EXTS)}) in {folder}")
+        if vid not in caps:
+            raise DataError(f"{root}: video {vid!r} has no captions")
+        out[split].append({"paths": [str(p) for p in sample_frames(frames, num_frames)], "refs": caps[vid]})
     return out
 
 
@@ -73,16 +159,22 @@ def read_video_captions(root: str | Path, ann_file: str, frames_dir: str, num_fr
 class VideoFramesDataModule(InContextDataModule):
     kind = "caption"
 
-    def __init__(self, root: str, ann_file: str = "videodatainfo.json", frames_dir: str = "frames",
-                 num_frames: int = 4, prompt: str = CAPTION_PROMPT, **kw: Any):
-        super().__init__(root, **kw)
-        self.ann_file, self.frames_dir, self.num_frames, self.prompt = ann_file, frames_dir, int(num_frames), prompt
+    def __init__(self, root: str, ann_file: str | list[str] = "videodatainfo.json", frames_dir: str = "frames",
+                 num_frames: int = 4, layout: str = "msrvtt", mapping_file: str | None = None,
+                 prompt: str | list[str] = CAPTION_PROMPT, **kw: Any):
+        super().__init__(root, prompt=prompt, **kw)
+        self.ann_file = ann_file if isinstance(ann_file, str) else [str(a) for a in ann_file]
+        self.frames_dir, self.num_frames = frames_dir, int(num_frames)
+        self.layout, self.mapping_file = layout, mapping_file
         if self.num_frames < 1:
             raise DataError(f"data.num_frames must be >= 1, got {num_frames}")
+        if layout not in LAYOUTS:
+            raise DataError(f"data.layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
 
     def check(self) -> None:
         self.ensure()
-        videos = read_video_captions(self.root, self.ann_file, self.frames_dir, self.num_frames)
+        videos = read_video_captions(self.root, self.ann_file, self.frames_dir, self.num_frames, self.layout,
+                                     self.mapping_file)
         self.rows = {}
         for split, vids in videos.items():
             if split == "train":

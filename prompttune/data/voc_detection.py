@@ -11,6 +11,10 @@ As the official ``evaluate_detection/voc_orig.py``: only images with exactly one
 kept; test images are further kept only when the box covers less than ``max_area_frac`` (0.2)
 of the image; boxes use 0-based coordinates (``xmin - 1``, ``ymin - 1``). The label is the box
 rendered as a filled white rectangle on black (``get_annotated_image(mode='keep', fg='white')``).
+Images and box masks are resized to the cell bilinearly (``evaluate_detection/transforms.py:117``:
+``F.resize`` with torchvision's default interpolation; ``data.interpolation`` selects bicubic).
+The official metric (``test/miou_official``) replaces the rounded prediction by the box of its
+largest white component (``evaluate_detection/box_ops.py`` ``to_rectangle``), see the task.
 Departure: the official pool list ``support_set_for_val.txt`` is a fixed file; here the pool is
 the filtered ``train.txt``, and the method picks each query's pair from it.
 """
@@ -50,6 +54,9 @@ def parse_voc_xml(path: Path) -> dict[str, Any]:
 
 @DATASETS.register("voc_detection")
 class VOCDetectionDataModule(EpisodicDataModule):
+    kind = "detection"  # the task's official metric boxes the prediction (to_rectangle)
+    default_interpolation = "bilinear"  # evaluate_detection/transforms.py:117 F.resize (torchvision default)
+
     def __init__(self, root: str, voc_dir: str = "VOC2012", max_area_frac: float = 0.2, **kw: Any):
         super().__init__(root, **kw)
         self.voc_dir, self.max_area_frac = voc_dir, float(max_area_frac)

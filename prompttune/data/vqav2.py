@@ -74,23 +74,26 @@ class VQAv2DataModule(InContextDataModule):
     kind = "vqa"
 
     def __init__(self, root: str, image_pattern: str = "{split}2014/COCO_{split}2014_{image_id:012d}.jpg",
-                 prompt: str = VQA_PROMPT, **kw: Any):
-        super().__init__(root, **kw)
-        self.image_pattern, self.prompt = image_pattern, prompt
-        if "{}" not in prompt:
-            raise DataError(f"data.prompt must contain '{{}}' where the question goes, got {prompt!r}")
+                 prompt: str | list[str] = VQA_PROMPT, **kw: Any):
+        super().__init__(root, prompt=prompt, **kw)
+        self.image_pattern = image_pattern
+        for p in [self.prompt] if isinstance(self.prompt, str) else self.prompt:
+            if "{}" not in p:
+                raise DataError(f"data.prompt must contain '{{}}' where the question goes, got {p!r}")
+
+    def _prompt(self, question: str) -> str | list[str]:
+        if isinstance(self.prompt, str):
+            return vqa_prompt(question, self.prompt)
+        return [vqa_prompt(question, t) for t in self.prompt]
 
     def check(self) -> None:
         self.ensure()
         self.rows = {}
         for split, src in (("train", "train"), ("test", "val")):
-            self.rows[split] = [{"paths": [r["path"]], "prompt": vqa_prompt(r["question"], self.prompt),
+            self.rows[split] = [{"paths": [r["path"]], "prompt": self._prompt(r["question"]),
                                  "target": r["answer"], "refs": r["answers"]}
                                 for r in read_vqav2(self.root, src, self.image_pattern)]
         self.check_rows()
-
-    def info(self) -> dict[str, Any]:
-        return {"kind": "vqa", "prompt": self.prompt}
 
 
 def world_question(objs, rng: np.random.Generator, counting: bool) -> tuple[str, list[str]]:

@@ -7,8 +7,10 @@ One task per folder::
       train800.txt  val200.txt  train800val200.txt  test.txt     lines: "<relpath> <label>"
 
 ``mode: final`` trains on ``train800val200.txt`` and tests on ``test.txt`` (the reported
-protocol); ``mode: tune`` trains on ``train800.txt`` and tests on ``val200.txt`` (for
-hyper-parameter search), as VPT and SPT do. Transforms as the SPT code: ``Resize(size)``
+protocol of VPT and SPT, ``Dataset/VTAB.py:48-49``); ``mode: tune`` trains on ``train800.txt``
+and tests on ``val200.txt`` (for hyper-parameter search, VPT's ``tune_vtab.py``);
+``mode: holdout`` trains on ``train800.txt``, validates on ``val200.txt`` and tests on
+``test.txt`` -- the split for the honest ``select: val`` (choose the epoch on val200, report test). Transforms as the SPT code: ``Resize(size)``
 (shorter side, bicubic) + ``CenterCrop(size)``, no augmentation, normalised with the
 backbone's mean / std.
 """
@@ -24,11 +26,15 @@ from prompttune.data.base import DataError
 from prompttune.data.fgvc import ItemsDataModule, read_list_file
 from prompttune.registry import DATASETS, SYNTHETIC
 
-MODES = {"final": ("train800val200.txt", "test.txt"), "tune": ("train800.txt", "val200.txt")}
+# mode -> (train list, test list, validation list or None)
+MODES = {"final": ("train800val200.txt", "test.txt", None), "tune": ("train800.txt", "val200.txt", None),
+         "holdout": ("train800.txt", "test.txt", "val200.txt")}
 
 
 @DATASETS.register("vtab")
 class VTABDataModule(ItemsDataModule):
+    no_val_hint = "use data.mode=holdout (train800 -> select on val200 -> test)"
+
     # 1,000 training images need not cover every class (e.g. SUN397): classes = max label + 1 over all lists
     every_class_in_train = False
 
@@ -40,13 +46,15 @@ class VTABDataModule(ItemsDataModule):
 
     def check(self) -> None:
         self.prepare_root("VTAB-1k task", "images and train800val200.txt / test.txt lists")
-        train_file, test_file = MODES[self.mode]
-        for f in (train_file, test_file):
-            if not (self.root / f).is_file():
-                raise DataError(f"VTAB-1k list {self.root / f} not found (mode={self.mode!r} needs {train_file} "
-                                f"and {test_file}, lines '<relpath> <label>')")
+        train_file, test_file, val_file = MODES[self.mode]
+        for f in (train_file, test_file, val_file):
+            if f and not (self.root / f).is_file():
+                raise DataError(f"VTAB-1k list {self.root / f} not found (mode={self.mode!r} needs "
+                                f"{', '.join(x for x in MODES[self.mode] if x)}, lines '<relpath> <label>')")
         self.splits = {"train": read_list_file(self.root / train_file, "."),
                        "test": read_list_file(self.root / test_file, ".")}
+        if val_file:
+            self.splits["val"] = read_list_file(self.root / val_file, ".")
         self._finish_check(f"VTAB-1k task {self.root} (mode {self.mode})")
 
 

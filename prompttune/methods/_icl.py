@@ -1,26 +1,15 @@
-"""Shared visual in-context learning (ICL) machinery: the 2x2 canvas, prompters, pair selection.
+"""Shared visual in-context learning (ICL) machinery: the method base, prompters, the demo figure.
 
-Used by ``no_prompt``, ``inmemo`` and ``e_inmemo`` (and by the MAE-VQGAN zoo pretraining).
-
-Canvas (Bar et al., "Visual Prompting via Image Inpainting", Fig. 1/3; InMeMo Fig. 2): a square
-canvas of ``size`` pixels holds four cells of ``size // 2 - pad`` pixels: the in-context image,
-its label, the query and the cell to inpaint. With the official geometry (224 px, pad 1) the
-cells are 111 px at offsets 0 and 113, the rest of the canvas is white, and the MAE sees a
-14x14 grid of 16-px patches whose masked quadrant is 7x7 tokens (147 kept). Smaller geometries
-scale the same rule (64 px, patch 8: cells of 31 px at offsets 0 and 33, an 8x8 grid, 4x4
-masked). Pixels are kept in [0, 1] here; the backbone normalises.
-
-Arrangements ``a1``..``a8`` follow InMeMo's ``create_gradiant_grid_images``: which cell holds
-which of (support image, support label, query image, query label); the query label's cell is
-the masked one. ``a1`` is the default (support image top-left, its label top-right, query
-bottom-left, masked bottom-right).
+Used by ``no_prompt``, ``inmemo`` and ``e_inmemo``. The 2x2 canvas (geometry, arrangements
+a1..a8, assembly) is in ``prompttune/data/canvas.py``; pair selection and retrieval in
+``prompttune/data/icl_pairs.py``; the metrics (``miou`` and the official uint8 chain
+``miou_official``) in ``prompttune/tasks/icl_segmentation.py``. Pixels are kept in [0, 1] here;
+the backbone normalises.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,131 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The canvas lives in data/canvas.py (backbones and the zoo need it too), the metric helpers with
+# the task, pair selection with the data; all re-exported here for existing imports.
+from prompttune.data.canvas import (ARRANGEMENTS, BL, BR, TL, TR, CanvasGeometry,  # noqa: F401
+                                    arrangement_slots, build_canvas, quadrant)
+from prompttune.data.icl_pairs import PAIR_CHOICES, build_retriever, select_pairs  # noqa: F401
 from prompttune.methods.base import Method
-
-# cell slots: (row, col) with 0 = near edge, 1 = far edge
-TL, TR, BL, BR = (0, 0), (0, 1), (1, 0), (1, 1)
-# arrangement -> slots of (support image, support label, query image, query label)
-ARRANGEMENTS: dict[str, tuple[tuple[int, int], ...]] = {
-    "a1": (TL, TR, BL, BR),
-    "a2": (TR, TL, BR, BL),
-    "a3": (BR, BL, TR, TL),
-    "a4": (BL, BR, TL, TR),
-    "a5": (BL, TL, BR, TR),
-    "a6": (BR, TR, BL, TL),
-    "a7": (TR, BR, TL, BL),
-    "a8": (TL, BL, TR, BR),
-}
-PAIR_CHOICES = ("none", "random", "retrieved")
-
-
-@dataclass(frozen=True)
-class CanvasGeometry:
-    """Canvas side, MAE patch size and cell padding; ``size`` must be a multiple of ``2 * patch``."""
-
-    size: int = 224
-    patch: int = 16
-    pad: int = 1
-
-    def __post_init__(self):
-        if self.size % (2 * self.patch):
-            raise ValueError(f"canvas size {self.size} must be a multiple of 2 x patch ({2 * self.patch}) "
-                             "so that each quadrant is whole patches")
-        if not 0 <= self.pad < self.size // 4:
-            raise ValueError(f"canvas pad {self.pad} must be in [0, {self.size // 4})")
-
-    @property
-    def cell(self) -> int:
-        return self.size // 2 - self.pad
-
-    @property
-    def far(self) -> int:
-        """Offset of the second row/column of cells (113 for 224 px)."""
-        return self.size - self.cell
-
-    @property
-    def grid(self) -> int:
-        return self.size // self.patch
-
-    def origin(self, slot: tuple[int, int]) -> tuple[int, int]:
-        return (self.far if slot[0] else 0, self.far if slot[1] else 0)
-
-    def cell_slice(self, slot: tuple[int, int]) -> tuple[slice, slice]:
-        y, x = self.origin(slot)
-        return slice(y, y + self.cell), slice(x, x + self.cell)
-
-    def token_mask(self, arrangement: str = "a1") -> torch.Tensor:
-        """[grid*grid] bool, True on the masked (query-label) quadrant's tokens, row-major."""
-        slot = arrangement_slots(arrangement)[3]
-        g, h = self.grid, self.grid // 2
-        m = torch.zeros(g, g, dtype=torch.bool)
-        m[slot[0] * h:(slot[0] + 1) * h, slot[1] * h:(slot[1] + 1) * h] = True
-        return m.flatten()
-
-
-def arrangement_slots(arrangement: str) -> tuple[tuple[int, int], ...]:
-    if arrangement not in ARRANGEMENTS:
-        raise ValueError(f"unknown canvas arrangement {arrangement!r}; valid: {', '.join(ARRANGEMENTS)}")
-    return ARRANGEMENTS[arrangement]
-
-
-def build_canvas(geom: CanvasGeometry, arrangement: str, support_image: torch.Tensor, support_mask: torch.Tensor,
-                 query_image: torch.Tensor, query_mask: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
-    """[B, 3, size, size] canvas from four [B, 3, cell, cell] tensors (differentiable in each)."""
-    parts = (support_image, support_mask, query_image, query_mask)
-    b = support_image.shape[0]
-    for name, t in zip(("support_image", "support_mask", "query_image", "query_mask"), parts):
-        if t.dim() != 4 or t.shape[1] != 3 or t.shape[-2:] != (geom.cell, geom.cell):
-            raise ValueError(f"{name} must be [B, 3, {geom.cell}, {geom.cell}] for a {geom.size}-px canvas, "
-                             f"got {list(t.shape)}")
-    canvas = support_image.new_full((b, 3, geom.size, geom.size), fill)
-    # out-of-place assembly (cat along H/W) keeps autograd simple and avoids in-place on leaves
-    rows = []
-    slots = arrangement_slots(arrangement)
-    by_slot = {s: p for s, p in zip(slots, parts)}
-    gap = geom.far - geom.cell
-    for r in (0, 1):
-        left, right = by_slot[(r, 0)], by_slot[(r, 1)]
-        mid = canvas[:, :, :geom.cell, :gap]
-        rows.append(torch.cat([left, mid, right], dim=3))
-        if r == 0:
-            rows.append(canvas[:, :, :gap, :])
-    return torch.cat(rows, dim=2)
-
-
-def quadrant(geom: CanvasGeometry, arrangement: str, canvas: torch.Tensor) -> torch.Tensor:
-    """The query-label cell of a canvas: [B, C, cell, cell]."""
-    ys, xs = geom.cell_slice(arrangement_slots(arrangement)[3])
-    return canvas[..., ys, xs]
-
-
-# ------------------------------------------------------------------ metric helpers
-WHITE, BLACK = (255, 255, 255), (0, 0, 0)
-
-
-def round_to_colors(img01: torch.Tensor, colors=(WHITE, BLACK)) -> torch.Tensor:
-    """Official ``round_image``: pixels -> int 0..255 (clip, truncate), then index of the nearest colour.
-
-    ``img01``: [..., 3, H, W] in [0, 1]; returns [..., H, W] long (0 = first colour).
-    """
-    x = torch.clamp(img01 * 255, 0, 255).int().float()
-    opts = torch.tensor(colors, dtype=torch.float32, device=x.device)  # [K, 3]
-    d = ((x.unsqueeze(-4) - opts.view(len(colors), 3, 1, 1)) ** 2).mean(dim=-3)  # [..., K, H, W]
-    return d.argmin(dim=-3)
-
-
-def iou_and_acc(pred01: torch.Tensor, target01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image foreground IoU and pixel accuracy, as InMeMo's ``_calc_metric`` computes them.
-
-    Both images are rounded to white/black; foreground is white. An image whose prediction and
-    target are both empty scores IoU 1 (the official code divides 0 by 0 there).
-    """
-    p, t = round_to_colors(pred01) == 0, round_to_colors(target01) == 0
-    inter = (p & t).flatten(1).sum(1).float()
-    union = (p | t).flatten(1).sum(1).float()
-    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-    acc = (p == t).flatten(1).float().mean(1)
-    return iou, acc
+from prompttune.tasks.icl_segmentation import (BLACK, WHITE, iou_and_acc,  # noqa: F401
+                                               official_iou_and_acc, round_to_colors)
 
 
 # ------------------------------------------------------------------ prompters
@@ -190,102 +62,6 @@ class PadPrompter(nn.Module):
         return x
 
 
-# ------------------------------------------------------------------ in-context pair selection
-def _feature_cache_path(kind: str, paths: list[str], extra: dict) -> Path:
-    from prompttune.config import cache_dir
-
-    h = hashlib.sha1()
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    for p in paths:
-        st = Path(p).stat()
-        h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}\n".encode())
-    return cache_dir() / "features" / "icl" / f"{kind}-{h.hexdigest()[:16]}.pt"
-
-
-def build_retriever(name: str, weights: str | None = None):
-    """A frozen image encoder from a backbone config name (``configs/backbone/<name>.yaml``)."""
-    from omegaconf import OmegaConf
-
-    from prompttune.config import load_group
-    from prompttune.registry import BACKBONES
-
-    cfg = OmegaConf.to_container(OmegaConf.create(load_group("backbone", name)), resolve=True)
-    if weights:
-        cfg["weights"] = weights
-    cls = BACKBONES.get(cfg.pop("name"))
-    bb = cls(**cfg)
-    if not hasattr(bb, "encode_image"):
-        raise ValueError(f"retriever backbone {name!r} ({type(bb).__name__}) has no encode_image")
-    return bb
-
-
-@torch.no_grad()
-def image_features(retriever, paths: list[str], retriever_name: str, batch_size: int = 128) -> torch.Tensor:
-    """L2-normalised image features, computed once per (retriever, image set) and cached on disk."""
-    from prompttune.data.base import ImageTransform, read_image
-
-    size = int(getattr(retriever, "image_size", 224))
-    cache = _feature_cache_path("clip", paths, {"retriever": retriever_name, "name": getattr(retriever, "name", ""),
-                                               "size": size})
-    if cache.is_file():
-        feats = torch.load(cache, map_location="cpu", weights_only=True)
-        if feats.shape[0] == len(paths):
-            return feats
-    tf = ImageTransform(size, retriever.mean, retriever.std)
-    out = []
-    dev = retriever.device
-    for i in range(0, len(paths), batch_size):
-        x = torch.stack([tf(read_image(p)) for p in paths[i:i + batch_size]]).to(dev)
-        out.append(F.normalize(retriever.encode_image(x).float(), dim=-1).cpu())
-    feats = torch.cat(out) if out else torch.zeros(0, 1)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(feats, tmp)
-    tmp.replace(cache)
-    return feats
-
-
-def select_pairs(strategy: str, query_ids: list[str], query_classes: list[int], pool_ids: list[str],
-                 pool_classes: list[int], class_matched: bool, seed: int,
-                 query_feats: torch.Tensor | None = None, pool_feats: torch.Tensor | None = None) -> list[int]:
-    """Index into the pool of the in-context pair for each query.
-
-    ``random``: a seeded random pool item; ``retrieved``: top-1 cosine similarity (the
-    official ``calculate_similariity.py``). Both skip the query image itself; with
-    ``class_matched`` only pool items of the query's class are candidates (falling back to the
-    whole pool when the class has no other item).
-    """
-    if strategy not in PAIR_CHOICES:
-        raise ValueError(f"unknown in-context pair strategy {strategy!r}; valid: {', '.join(PAIR_CHOICES)}")
-    n_pool = len(pool_ids)
-    if n_pool == 0:
-        raise ValueError("the in-context pool (train split) is empty")
-    pool_cls = torch.tensor(pool_classes)
-    pool_name = np.array(pool_ids)
-    rng = np.random.default_rng(seed)
-    sims = None
-    if strategy == "retrieved":
-        if query_feats is None or pool_feats is None:
-            raise ValueError("retrieved pairs need query and pool features")
-        sims = query_feats @ pool_feats.T
-    out = []
-    for i, (qid, qc) in enumerate(zip(query_ids, query_classes)):
-        ok = torch.from_numpy(pool_name != qid)
-        if class_matched:
-            same = ok & (pool_cls == qc)
-            ok = same if bool(same.any()) else ok
-        if not bool(ok.any()):
-            ok = torch.ones(n_pool, dtype=torch.bool)
-        if strategy == "retrieved":
-            s = sims[i].clone()
-            s[~ok] = -float("inf")
-            out.append(int(s.argmax()))
-        else:  # random (also the placeholder for "none": the dataset blanks the pair)
-            cand = torch.nonzero(ok).flatten().numpy()
-            out.append(int(cand[rng.integers(len(cand))]))
-    return out
-
-
 # ------------------------------------------------------------------ the shared method
 class ICLMethod(Method):
     """Visual ICL over a frozen MAE-VQGAN: builds canvases, predicts codebook indices of the masked cell.
@@ -295,16 +71,55 @@ class ICLMethod(Method):
     ``data.pair``). ``forward`` returns ``logits`` [B, L, V], ``target`` [B, L] (codebook indices of the
     unprompted label canvas, computed once per (query, pair) and cached), ``token_mask`` [L],
     and in eval mode ``pred_cell`` / ``true_cell`` (decoded pixels of the masked cell and its label).
+
+    Options shared by ``no_prompt``, ``inmemo`` and ``e_inmemo``: ``arrangement`` (a1..a8);
+    ``official_target_norm`` (training targets are the VQGAN indices of the *un-normalised*
+    label canvas, as InMeMo's ``forward_loss`` computes them: only 33 of 147 masked target tokens
+    agree with the normalised ones on the zoo model, per the issue); ``official_train_norm`` (the MAE
+    sees un-normalised canvases in training, as InMeMo's training loop; evaluation always
+    normalises, as the official evaluation). Both default to false (one input distribution for
+    the frozen model, targets the VQGAN was trained for); the paper cards set both true.
     """
 
     task = "icl_segmentation"
 
-    def __init__(self, arrangement: str = "a1", **kw: Any):
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        from prompttune.config import ConfigError
+
+        m, d = cfg.get("method", {}), cfg.get("data", {})
+        arr = m.get("arrangement", "a1")
+        if arr not in ARRANGEMENTS:
+            raise ConfigError(f"method.arrangement={arr!r} is not a canvas arrangement; valid: {', '.join(ARRANGEMENTS)}")
+        for key in ("official_target_norm", "official_train_norm"):
+            if not isinstance(m.get(key, False), bool):
+                raise ConfigError(f"method.{key}={m.get(key)!r} must be true or false")
+        if "pair" in d:
+            from prompttune.data.icl_pairs import PAIR_CHOICES, SUPPORT_CLASS_CHOICES
+
+            if d.get("pair") not in PAIR_CHOICES:
+                raise ConfigError(f"data.pair={d.get('pair')!r}; valid: {', '.join(PAIR_CHOICES)}")
+            sc = d.get("support_class", "official")
+            if sc not in SUPPORT_CLASS_CHOICES:
+                raise ConfigError(f"data.support_class={sc!r}; valid: {', '.join(SUPPORT_CLASS_CHOICES)}")
+            vf = d.get("val_fraction", 0.0)
+            if not isinstance(vf, (int, float)) or not 0 <= float(vf) < 1:
+                raise ConfigError(f"data.val_fraction={vf!r} must be a number in [0, 1)")
+            if cfg.get("select", "last") == "val" and not float(vf):
+                raise ConfigError("select=val needs a validation split, but data.val_fraction=0: set "
+                                  "data.val_fraction (e.g. 0.1: that share of the training images is held out "
+                                  "as validation queries; visual ICL datasets have no official validation split)")
+
+    def __init__(self, arrangement: str = "a1", official_target_norm: bool = False,
+                 official_train_norm: bool = False, **kw: Any):
         super().__init__()
         if kw:
             raise TypeError(f"unknown {type(self).__name__} option(s): {', '.join(sorted(kw))}")
         arrangement_slots(arrangement)
         self.arrangement = arrangement
+        # InMeMo's training loop (train_models.py:183-239): the label canvas reaches the VQGAN
+        # un-normalised (washed out) and the prompted canvas reaches the MAE un-normalised
+        self.official_target_norm, self.official_train_norm = bool(official_target_norm), bool(official_train_norm)
         self.geom: CanvasGeometry | None = None
         self._targets: dict[int, torch.Tensor] = {}
 
@@ -333,11 +148,11 @@ class ICLMethod(Method):
     def _target_tokens(self, backbone, batch, label_canvas: torch.Tensor) -> torch.Tensor:
         keys = batch.get("pair_key")
         if keys is None:
-            return backbone.tokenize(label_canvas)
+            return backbone.tokenize(label_canvas, self.official_target_norm)
         keys = [int(k) for k in keys]
         missing = [i for i, k in enumerate(keys) if k not in self._targets]
         if missing:
-            tok = backbone.tokenize(label_canvas[missing])
+            tok = backbone.tokenize(label_canvas[missing], self.official_target_norm)
             for j, i in enumerate(missing):
                 self._targets[keys[i]] = tok[j]  # stays on the device: no host copies per step
         return torch.stack([self._targets[k] for k in keys]).to(label_canvas.device)
@@ -356,7 +171,7 @@ class ICLMethod(Method):
         token_mask = g.token_mask(arr).to(canvas.device)
         needs_grad = self.training and any(p.requires_grad for p in self.parameters())
         with torch.set_grad_enabled(needs_grad):
-            logits = backbone.predict_logits(canvas, token_mask)
+            logits = backbone.predict_logits(canvas, token_mask, normalise=not (self.training and self.official_train_norm))
         out = {"logits": logits, "target": target, "token_mask": token_mask, "canvas": canvas.detach()}
         if not self.training:
             with torch.no_grad():
@@ -407,6 +222,27 @@ def save_canvas_figure(path: str | Path, backbone, method: ICLMethod, batch: dic
     return path
 
 
+def load_method_checkpoint(method: nn.Module, path: str | Path) -> None:
+    """Load a run's checkpoint (Lightning ``.ckpt`` with ``method.*`` keys, or a safetensors /
+    weights-only state dict of the method) into ``method``. Weights-only: no file is ever
+    unpickled, whoever wrote it; anything else is rejected with a message naming the path."""
+    from prompttune.utils import torch_load_trusted
+
+    state = torch_load_trusted(path)  # FileNotFoundError / ValueError naming the path
+    sd = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint {path} holds no state dict of tensors")
+    if any(k.startswith("method.") for k in sd):  # a Lightning checkpoint of the whole module
+        sd = {k.removeprefix("method."): v for k, v in sd.items() if k.startswith("method.")}
+    try:
+        method.load_state_dict(sd)
+    except RuntimeError as err:
+        want = {k: list(v.shape) for k, v in method.state_dict().items()}
+        have = {k: list(v.shape) for k, v in sd.items()}
+        raise ValueError(f"checkpoint {path} does not fit {type(method).__name__}: it holds {have}, the method "
+                         f"expects {want}") from None
+
+
 def save_run_figure(run_dir: str | Path, n: int = 4, name: str = "canvases.png") -> Path:
     """Rebuild a finished ICL run from ``run_dir/config.yaml`` + its checkpoint and save the figure.
 
@@ -416,19 +252,13 @@ def save_run_figure(run_dir: str | Path, n: int = 4, name: str = "canvases.png")
     from omegaconf import OmegaConf
 
     from prompttune import runs
-    from prompttune.utils import torch_load_trusted
 
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     backbone, dm, method, _ = runs.build(cfg)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if ckpt.is_file() and any(True for _ in method.parameters()):
-        try:
-            state = torch_load_trusted(ckpt)
-        except ValueError:
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
-        sd = {k[len("method."):]: v for k, v in state["state_dict"].items() if k.startswith("method.")}
-        method.load_state_dict(sd)
+    ckpt = next((p for p in (run_dir / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if p.is_file()), None)
+    if ckpt is not None and any(True for _ in method.parameters()):
+        load_method_checkpoint(method, ckpt)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     return save_canvas_figure(run_dir / name, backbone, method, batch, n=n,

@@ -26,6 +26,29 @@ from prompttune.backbones.vit import ViTBackbone
 INIT_TYPES = ("random", "mean_pooling", "max_pooling", "kmeans")
 
 
+def check_number(node: Any, key: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 hi_open: bool = False, integer: bool = False, allow_none: bool = False) -> None:
+    """Compose-time range check of ``method.<key>`` (when present), as a ConfigError naming key, value and range."""
+    from prompttune.config import ConfigError
+
+    if key not in node:
+        return
+    value = node[key]
+    want = ("a whole number" if integer else "a number") + (f" {'>' if lo_open else '>='} {lo:g}" if lo is not None else "") \
+        + (f" and {'<' if hi_open else '<='} {hi:g}" if hi is not None else "") + (" (or null)" if allow_none else "")
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        raise ConfigError(f"method.{key}={value!r}: expected {want}")
+
+
 def check_vit(backbone: Any, method: str) -> ViTBackbone:
     if not isinstance(backbone, ViTBackbone):
         raise TypeError(f"{method} needs the 'vit' backbone (a timm ViT), got {type(backbone).__name__}; "
@@ -48,20 +71,27 @@ def prompted_forward(backbone: ViTBackbone, images: torch.Tensor, prompts: torch
         x = backbone.embed_tokens(images)
     b, k, p = x.shape[0], backbone.num_prefix_tokens, prompts.shape[1]
     drop = dropout if dropout is not None else (lambda t: t)
-    x = torch.cat([x[:, :k], drop(prompts[0]).to(x.dtype).expand(b, -1, -1), x[:, k:]], dim=1)
+
+    def batch_prompts(i: int) -> torch.Tensor:
+        # dropout *after* expand: one mask per sample, as VPT's `prompt_dropout(... .expand(B, -1, -1))`
+        # (src/models/vit_prompt/vit.py:82,114); before expand the whole batch would share one mask
+        return drop(prompts[i].to(x.dtype).expand(b, -1, -1))
+
+    x = torch.cat([x[:, :k], batch_prompts(0), x[:, k:]], dim=1)
     for i, blk in enumerate(backbone.blocks):
         if deep and i > 0:
-            x = torch.cat([x[:, :k], drop(prompts[i]).to(x.dtype).expand(b, -1, -1), x[:, k + p:]], dim=1)
+            x = torch.cat([x[:, :k], batch_prompts(i), x[:, k + p:]], dim=1)
         x = blk(x)
     return backbone.pool_tokens(x, skip=0 if pool_prompts else p)
 
 
 class ClassifierHead(nn.Linear):
-    """Linear head, ``trunc_normal(std=0.02)`` weights and zero bias (timm's ViT head init)."""
+    """Linear head, ``trunc_normal(std)`` weights and zero bias. SPT: std 0.02 for MAE and supervised
+    backbones (``train_MAE.py:273``, ``train.py:250``), 0.01 for MoCo-v3 (``train_MoCo.py:260``)."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, std: float = 0.02):
         super().__init__(dim, num_classes)
-        nn.init.trunc_normal_(self.weight, std=0.02)
+        nn.init.trunc_normal_(self.weight, std=float(std))
         nn.init.zeros_(self.bias)
 
 

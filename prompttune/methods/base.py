@@ -28,6 +28,15 @@ class Method(nn.Module):
     backbone_kind: tuple[type, ...] | type | None = None
     consumes: str = "images"
     manual_optimization: bool = False
+    trains: bool = True  # False: a training-free baseline, run with method.optim.epochs=0
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Compose-time checks of this method's own keys (enumerations, ranges, keys that would
+        be silently inert together), on the whole resolved config, before any model or data is
+        built. Raise :class:`~prompttune.config.ConfigError` naming the key, the value and what
+        was expected. The generic keys (optimizer, lr, epochs, batch size, shots, precision)
+        are checked centrally in :mod:`prompttune.validation`."""
 
     def setup(self, backbone: nn.Module, datamodule: Any) -> None:  # noqa: D401 - hook
         """One-off initialisation from the frozen backbone and the training data."""

@@ -1,71 +1,58 @@
-"""DCAR: dual prompt learning with joint category-attribute reweighting, over frozen CLIP.
+"""DCAR: Dual prompt learning with joint Category-Attribute Reweighting, over frozen CLIP.
 
-Paper: Y. Wang et al., "Dual Prompt Learning for Adapting Vision-Language Models to
-Downstream Image-Text Retrieval" (arXiv 2508.04028; FDRD benchmark; repo wyf202322/DCAR,
-which released the FDRD data but no method code). The paper describes (Fig. 2, Sec. 3):
-an attribute-level prompt whose tokens are re-weighted by image-text mutual information,
-and a sub-category-sensitive prompt trained with category-aware augmentation: hard
-negatives "from multiple perspectives" whose loss is weighted by category match. Prompt
-shapes, the exact estimator, loss weights and schedules are not public, so every choice
-below is ours; each component has a switch for the ablation.
+Paper: "Dual Prompt Learning for Adapting Vision-Language Models to Downstream Image-Text
+Retrieval" (arXiv 2508.04028). Repository wyf202322/DCAR: README, Fig. 2 (``figure/fig2.png``)
+and the FDRD data; no method code, and the paper's method section could not be read from
+here, so the equations below are Fig. 2's and every other detail is a named guess (G1-G12).
 
-What each part implements (captions are the text side of every image-text pair):
+Fig. 2, part by part, and what implements it:
 
-1. **Attribute-level prompt** (``n_attr_ctx`` vectors, ``attr_init``, ``attr_position``):
-   learned context added to every caption, after it (``end``, the default:
-   ``[SOT] caption P_a [EOT]``) or before it (``front``, CoOp-style: ``[SOT] P_a caption [EOT]``).
-   ``end`` keeps the caption tokens at their positions and, under CLIP's causal text mask,
-   keeps their zero-shot states: with the small zoo CLIP (v1), ``front`` with the "a photo of"
-   initialisation cost 15 points of image-to-text R@1 before training (measured), ``end``
-   with a random initialisation about 3.
-2. **Sub-category-sensitive prompt** (``n_cat_ctx`` vectors, ``cat_position``): inserted
-   right after (default) or before the sub-category name inside the caption,
-   ``prefix <class> P_c suffix``, so it acts where the fine-grained distinction is named
-   (after it, it can attend to the name). A caption that does not contain its class name
-   gets P_c at its start.
-3. **Dynamic token re-weighting by image-text mutual information** (``token_reweight``):
-   each caption word token's embedding is scaled by ``w = 1 + strength * tanh(z)``, where
-   ``z`` is the token's mutual-information score standardised within its caption (and by the
-   running spread of all scores). The score of a vocabulary token is a running mean of its
-   pointwise-MI contribution to the matched pair: ``s * (cos(I, T) - cos(I, T without t))``,
-   the drop of the pair's log-likelihood under CLIP's softmax model when the token is
-   occluded (its embedding zeroed). Initialised on the training pairs in :meth:`setup`
-   (frozen CLIP + the initial prompts) and updated every ``mi_every`` training steps from
-   the current batch with the current prompts (momentum ``mi_momentum``): this is the
-   "dynamic" part. The weights depend on the text only, so a gallery is encoded once.
-4. **Category-aware augmentation with multi-perspective hard negatives**
-   (``hard_negatives``, ``n_negatives``, ``neg_perspectives``, ``neg_pool``): for each
-   training pair, ``n_negatives`` captions are made by swapping its sub-category name with
-   another class's. Candidates are the ``neg_pool`` nearest classes under each perspective:
-   ``text`` (frozen CLIP text embeddings of "a photo of a {class}."), ``visual`` (mean
-   frozen image embeddings of the class's training images), ``random`` (any class). They
-   join the image-to-text softmax (``tasks/retrieval.py``).
-5. **Category-match weighting** (``category_weighting``, ``match_lambda``): a negative of
-   class c' for an anchor of class c gets weight ``1 + lambda * mu(c, c')``, ``mu`` being the
-   min-max normalised mean of the perspectives' cosine similarities (1 = the closest class):
-   the more the swapped class matches the true one, the more it counts (its logit gets
-   ``+log w``).
+1. **Dual prompt learning** ("Text Prompt v1..vk + w_token · caption", "Image Prompt
+   e1..ek + image", "Semantic Analysis Guide Generation" from v_i to e_i): learnable text
+   context before the caption, and visual prompts generated from it by a linear map, as
+   MaPLe couples them (``_clip_deep_prompts.CoupledPrompts``; ``visual_prompt``:
+   ``coupled`` | ``independent`` | ``none``). G1: the guide is MaPLe's linear coupling
+   (DCAR's INSTALL.md is MaPLe's, and MaPLe is its strongest baseline). G2: the prompts are
+   deep, MaPLe's ``prompt_depth`` layers (the figure draws the input layer only; 1 = shallow).
+   G3: n_ctx = 2 and "a photo of a" initialisation, MaPLe's.
+2. **Dynamic token re-weighting** (``token_reweight``): for caption word j and its image I,
+   ``w_j = |S(token_j, I'_blank) - S(token_j, I')|`` (Fig. 2). G4: S is the cosine between the
+   frozen CLIP text feature of the token alone ("[SOT] token [EOT]") and the *prompted* image
+   feature (I' = the image with its image prompt, which is what makes the weights dynamic),
+   computed without gradient at every training step; I'_blank is a blank image (``blank``:
+   ``mean`` = the normalisation mean, i.e. zeros after normalising; ``white``; ``black``).
+   G5: the |ΔS| are divided by their mean over the caption's words (so a caption keeps its
+   scale) and blended, ``w' = max(0, 1 + reweight_strength * (w - 1))``; they scale the caption
+   token embeddings (``w_token · caption``), not the prompts, [SOT] or [EOT]. G6: at
+   evaluation the paired image is unknown (a text query has no image), so each vocabulary
+   token gets the running mean (``reweight_momentum``) of its training weights
+   (``eval_reweight: running``), or no weights (``none``).
+3. **Category-aware augmentation** ("Negative Caption Generator"): for each training pair,
+   ``swap_negatives`` captions with the class name swapped (every occurrence,
+   ``data.fdrd.swap_class``) and ``attr_negatives`` captions of the *same* category with one
+   attribute word altered (Fig. 2's "stands on the bed with black and white"). G7: swapped
+   classes are drawn from the ``neg_pool`` classes nearest by frozen CLIP text similarity of
+   "a photo of a {class}."; G8: attribute alteration is rule-based, one whole word replaced
+   by another of its family (``attribute_words``: colours, sizes, positions by default; the
+   paper's generator is presumably a language model).
+4. **Category-match weight** (``category_weighting``, ``alpha``): ``w = 1 + alpha`` when the
+   negative's category is the image's (the attribute-altered ones), else 1 (Fig. 2). G9: w
+   multiplies the negative's term in L_cate's softmax denominator (``+log w`` on its logit).
+5. **Losses** L_con + L_cate (``cate_loss``, ``cate_weight``): L_con is the retrieval task's
+   symmetric InfoNCE over the batch; L_cate the cross-entropy of each image over
+   [its positive, its negatives] with the weights above. G10: equal weights (1).
+6. **CAA** (``caa``): a trainable block between the text encoder and L_cate (Fig. 2: both the
+   positive and the negatives pass through it; L_con does not). G11: a residual bottleneck
+   adapter on the text embedding, ``t + up(relu(down(t)))``, ``up`` zero-initialised (identity
+   at the start), reduction ``caa_reduction``. G12: used in L_cate only; ``caa_at_test`` also
+   applies it to evaluation text features.
 
-Departures and choices the paper leaves open:
-
-* Both prompts live on the text side (the paper's figure also prompts the visual side); so
-  the frozen image features are cached and training only runs the text encoder. On the
-  embedded default this is the likely reason the method does not beat CoOp (see
-  ``docs/dual_prompt.md``: even the training pairs' sub-category discrimination barely moves).
-* Prompt placement (``attr_position``, ``cat_position``) and lengths are ours.
-* The MI estimator is an occlusion estimate with a constant-partition assumption, not a
-  learned MI bound; the weights scale input embeddings (before positional embeddings).
-* The loss is the symmetric CLIP InfoNCE with duplicate captions as soft positives plus the
-  weighted hard negatives in the image-to-text direction only (negatives have no image).
-* ``prompttune.methods.coop.PromptLearner`` builds prompts for a fixed class list; captions
-  change per batch, so the caption prompt assembly is here (and shared by the
-  ``coop_retrieval`` baseline in ``retrieval_baselines.py``, which is this class with
-  components 2-5 off).
+The text-only variant (both prompts in the text, cached image features) is ``dual_prompt_text``.
 """
 
 from __future__ import annotations
 
-import math
+import re
 from typing import Any
 
 import torch
@@ -73,333 +60,305 @@ import torch.nn.functional as F
 from torch import nn
 
 from prompttune.backbones.clip import CLIPBackbone
+from prompttune.config import ConfigError
+from prompttune.data.fdrd import swap_class
+from prompttune.methods import _clip_deep_prompts as deep
 from prompttune.methods.base import Method
+from prompttune.methods.maple import check_depth, init_context
 from prompttune.registry import METHODS
 
-PERSPECTIVES = ("text", "visual", "random")
+# G8: attribute families whose words replace each other in attribute-altered negatives
+DEFAULT_ATTRIBUTE_WORDS = (
+    ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey", "cyan",
+     "golden", "silver"),
+    ("small", "large"),
+    ("left", "right"),
+    ("standing", "sitting", "lying", "flying"),
+)
+BLANKS = ("mean", "white", "black")
 
 
-def split_on_class(caption: str, classname: str) -> tuple[str, str, str] | None:
-    """(prefix, class as written, suffix) of the first case-insensitive occurrence, else None."""
-    if not classname:
-        return None
-    i = caption.lower().find(classname.lower())
-    if i < 0:
-        return None
-    return caption[:i], caption[i:i + len(classname)], caption[i + len(classname):]
+class CategoryAwareAdapter(nn.Module):
+    """G11: residual bottleneck adapter on text embeddings; identity at initialisation."""
 
+    def __init__(self, dim: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(1, dim // reduction)
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
 
-def swap_class(caption: str, old: str, new: str) -> str | None:
-    parts = split_on_class(caption, old)
-    return None if parts is None else parts[0] + new + parts[2]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(F.relu(self.down(x)))
 
 
 @METHODS.register("dual_prompt")
 class DualPrompt(Method):
     task = "retrieval"
     backbone_kind = CLIPBackbone
-    consumes = "image_features"
+    consumes = "images"
 
-    def __init__(self, n_attr_ctx: int = 4, attr_init: str | None = "a photo of", n_cat_ctx: int = 2,
-                 init_std: float = 0.02, attr_position: str = "end", cat_position: str = "after",
-                 token_reweight: bool = True, reweight_strength: float = 0.5,
-                 mi_momentum: float = 0.9, mi_every: int = 1, mi_init_max_pairs: int = 512,
-                 hard_negatives: bool = True, n_negatives: int = 4, neg_perspectives: list[str] | tuple = ("text", "visual"),
-                 neg_pool: int = 3, category_weighting: bool = True, match_lambda: float = 1.0):
+    def __init__(self, n_ctx: int = 2, ctx_init: str | None = "a photo of a", prompt_depth: int = 9,
+                 init_std: float = 0.02, visual_prompt: str = "coupled",
+                 token_reweight: bool = True, reweight_strength: float = 0.5, reweight_momentum: float = 0.9,
+                 blank: str = "mean", eval_reweight: str = "running",
+                 cate_loss: bool = True, cate_weight: float = 1.0, swap_negatives: int = 2, attr_negatives: int = 2,
+                 neg_pool: int = 3, attribute_words: list[list[str]] | None = None,
+                 category_weighting: bool = True, alpha: float = 0.5,
+                 caa: bool = True, caa_reduction: int = 4, caa_at_test: bool = False):
         super().__init__()
-        bad = [p for p in neg_perspectives if p not in PERSPECTIVES]
-        if bad:
-            raise ValueError(f"neg_perspectives: unknown {bad}; valid: {', '.join(PERSPECTIVES)}")
-        if hard_negatives and (n_negatives < 1 or not neg_perspectives):
-            raise ValueError("hard_negatives needs n_negatives >= 1 and at least one of neg_perspectives")
-        for name, v in (("n_attr_ctx", n_attr_ctx), ("n_cat_ctx", n_cat_ctx), ("neg_pool", neg_pool),
-                        ("mi_every", mi_every - 1)):
-            if v < 0:
-                raise ValueError(f"{name} must be >= {0 if name != 'mi_every' else 1}, got {v + (name == 'mi_every')}")
-        if attr_position not in ("front", "end"):
-            raise ValueError(f"attr_position must be 'front' or 'end', not {attr_position!r}")
-        if cat_position not in ("before", "after"):
-            raise ValueError(f"cat_position must be 'before' or 'after', not {cat_position!r}")
-        self.attr_position, self.cat_position = attr_position, cat_position
-        if not 0.0 <= reweight_strength < 1.0:
-            raise ValueError(f"reweight_strength must be in [0, 1) so that weights stay positive, got {reweight_strength}")
-        self.n_attr_ctx, self.attr_init, self.n_cat_ctx, self.init_std = int(n_attr_ctx), attr_init or None, int(n_cat_ctx), init_std
+        self.n_ctx, self.ctx_init, self.depth, self.init_std = int(n_ctx), ctx_init or None, int(prompt_depth), init_std
+        self.visual_prompt = visual_prompt
+        # without visual prompts the image tower is the frozen one: its features are cached
+        self.consumes = "images" if visual_prompt != "none" else "image_features"
         self.token_reweight, self.reweight_strength = bool(token_reweight), float(reweight_strength)
-        self.mi_momentum, self.mi_every, self.mi_init_max_pairs = float(mi_momentum), int(mi_every), int(mi_init_max_pairs)
-        self.hard_negatives, self.n_negatives = bool(hard_negatives), int(n_negatives)
-        self.neg_perspectives, self.neg_pool = tuple(neg_perspectives), int(neg_pool)
-        self.category_weighting, self.match_lambda = bool(category_weighting), float(match_lambda)
-        self.attr_ctx: nn.Parameter | None = None
-        self.cat_ctx: nn.Parameter | None = None
-        # MI scores of seen vocabulary tokens (sorted ids): learned state, saved in checkpoints
-        self.register_buffer("mi_ids", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("mi_val", torch.zeros(0))
+        self.reweight_momentum, self.blank, self.eval_reweight = float(reweight_momentum), blank, eval_reweight
+        self.cate_loss, self.cate_weight = bool(cate_loss), float(cate_weight)
+        self.swap_negatives, self.attr_negatives, self.neg_pool = int(swap_negatives), int(attr_negatives), int(neg_pool)
+        self.attribute_words = [list(f) for f in (attribute_words or DEFAULT_ATTRIBUTE_WORDS)]
+        self.category_weighting, self.alpha = bool(category_weighting), float(alpha)
+        self.use_caa, self.caa_reduction, self.caa_at_test = bool(caa), int(caa_reduction), bool(caa_at_test)
+        self.prompts: deep.CoupledPrompts | None = None
+        self.caa: CategoryAwareAdapter | None = None
         self.classnames: list[str] = []
-        self._steps = 0
-        self._tok_cache: dict[str, list[int]] = {}
         self._gen = torch.Generator().manual_seed(0)
+        self._token_feats: dict[int, torch.Tensor] = {}
+        self._attr_res = [re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, f)) + r")(?![\w-])", re.IGNORECASE)
+                          for f in self.attribute_words if len(f) > 1]
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        m = cfg.method
+
+        def bad(key, why):
+            raise ConfigError(f"method.{key}={m.get(key)!r}: {why}")
+
+        if m.get("visual_prompt", "coupled") not in deep.CoupledPrompts.VISUAL:
+            bad("visual_prompt", f"expected one of {', '.join(deep.CoupledPrompts.VISUAL)}")
+        if m.get("blank", "mean") not in BLANKS:
+            bad("blank", f"expected one of {', '.join(BLANKS)}")
+        if m.get("eval_reweight", "running") not in ("running", "none"):
+            bad("eval_reweight", "expected running or none")
+        if int(m.get("n_ctx", 2)) < 1:
+            bad("n_ctx", "expected >= 1")
+        if int(m.get("prompt_depth", 9)) < 1:
+            bad("prompt_depth", "expected >= 1 (1 = shallow prompts)")
+        if not 0.0 <= float(m.get("reweight_strength", 0.5)) <= 1.0:
+            bad("reweight_strength", "expected a number in [0, 1]")
+        if not 0.0 <= float(m.get("reweight_momentum", 0.9)) < 1.0:
+            bad("reweight_momentum", "expected a number in [0, 1)")
+        if float(m.get("alpha", 0.5)) < 0:
+            bad("alpha", "expected >= 0 (the weight is 1 + alpha)")
+        for key in ("swap_negatives", "attr_negatives", "neg_pool"):
+            if int(m.get(key, 0)) < 0:
+                bad(key, "expected >= 0")
+        if int(m.get("caa_reduction", 4)) < 1:
+            bad("caa_reduction", "expected >= 1")
+        if m.get("cate_loss", True) and int(m.get("swap_negatives", 2)) + int(m.get("attr_negatives", 2)) == 0:
+            bad("cate_loss", "L_cate needs negatives: set swap_negatives or attr_negatives > 0, or cate_loss=false")
+        if m.get("cate_loss", True) is False:
+            for key in ("caa", "category_weighting"):
+                if m.get(key, True):
+                    bad(key, "has no effect without L_cate (cate_loss=false): set it to false too")
 
     # ------------------------------------------------------------------ setup
     def setup(self, backbone: CLIPBackbone, datamodule: Any) -> None:
         if not isinstance(backbone, CLIPBackbone):
-            raise TypeError(f"{type(self).__name__} needs a CLIP backbone (backbone.name=clip), got {type(backbone).__name__}")
-        info = datamodule.info()
-        self.classnames = list(info.get("classnames") or [])
-        if (self.hard_negatives or self.n_cat_ctx) and not self.classnames:
-            raise ValueError(f"{type(self).__name__}: the data module lists no classnames; the sub-category prompt "
-                             "and the hard negatives need them (FDRD data gives them)")
-        probe = backbone.tokenize([""])[0]
-        self._sot, self._eot, self._ctx_len = int(probe[0]), int(probe[1]), probe.shape[0]
-        dev, width = backbone.device, backbone.text_width
+            raise TypeError(f"dual_prompt needs a CLIP backbone (backbone.name=clip), got {type(backbone).__name__}")
+        check_depth(backbone, self.depth)
+        ctx, self.prefix_text = init_context(backbone, self.n_ctx, self.ctx_init, self.init_std)
+        self.n_prefix = int((backbone.tokenize([self.prefix_text])[0] > 0).sum()) - 2
+        self.prompts = deep.CoupledPrompts(ctx, deep.tower_widths(backbone.model)[1], self.depth, self.visual_prompt)
+        self.classnames = list(datamodule.info().get("classnames") or [])
         self._gen.manual_seed(int(getattr(datamodule, "seed", 0)))
-        with torch.no_grad():
-            if self.n_attr_ctx or self.attr_init:
-                if self.attr_init:
-                    ids = self._word_ids(backbone, [self.attr_init])[0]
-                    attr = backbone.token_embedding(torch.tensor([ids], device=dev))[0].float().clone()
-                    self.n_attr_ctx = len(ids)
-                else:
-                    attr = torch.randn(self.n_attr_ctx, width, device=dev) * self.init_std
-                self.attr_ctx = nn.Parameter(attr)
-            if self.n_cat_ctx:
-                self.cat_ctx = nn.Parameter(torch.randn(self.n_cat_ctx, width, device=dev) * self.init_std)
-        need_train = self.token_reweight or (self.hard_negatives and "visual" in self.neg_perspectives)
-        feats, caps, labels = self._train_pairs(backbone, datamodule) if need_train else (None, [], None)
-        if self.hard_negatives:
-            self._build_negative_pools(backbone, feats, labels)
-        if self.token_reweight:
-            self._init_mi(backbone, feats, caps, labels)
-
-    def _train_pairs(self, backbone, datamodule):
-        """Frozen image features, captions and labels of the training split (one pass, no grad)."""
-        datamodule.setup("fit")
-        ds = datamodule.datasets.get("train")
-        if ds is None or len(ds) == 0:
-            raise ValueError(f"{type(self).__name__} needs a training split (data.train_file)")
-        loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False, collate_fn=getattr(ds, "collate", None))
-        feats, caps, labels = [], [], []
-        with torch.no_grad():
-            for b in loader:
-                feats.append(F.normalize(backbone.encode_image(b["image"].to(backbone.device)).float(), dim=-1))
-                caps += list(b["caption"])
-                labels.append(b["label"])
-        return torch.cat(feats), caps, torch.cat(labels).to(backbone.device)
-
-    def _build_negative_pools(self, backbone, feats, labels) -> None:
-        c = len(self.classnames)
-        if c < 2:
-            raise ValueError("hard negatives need at least two classes")
-        dev = backbone.device
-        sims = []
-        with torch.no_grad():
-            if "text" in self.neg_perspectives or self.category_weighting:
+        if self.cate_loss and self.swap_negatives and len(self.classnames) < 2:
+            raise ValueError("dual_prompt: category-swapped negatives need at least two classes in the data "
+                             "(set swap_negatives=0 or use data with classnames)")
+        if self.cate_loss and self.use_caa:
+            self.caa = CategoryAwareAdapter(backbone.embed_dim, self.caa_reduction).to(backbone.device)
+        if self.cate_loss and self.swap_negatives:
+            with torch.no_grad():
                 t = backbone.encode_text(backbone.tokenize([f"a photo of a {n}." for n in self.classnames])).float()
                 t = F.normalize(t, dim=-1)
-                sims.append(("text", t @ t.T))
-            if "visual" in self.neg_perspectives:
-                proto = torch.zeros(c, feats.shape[1], device=dev).index_add_(0, labels, feats)
-                proto = F.normalize(proto, dim=-1)
-                has = torch.bincount(labels, minlength=c) > 0
-                v = proto @ proto.T
-                v[~has] = -1.0
-                v[:, ~has] = -1.0
-                sims.append(("visual", v))
-        eye = torch.eye(c, dtype=torch.bool, device=dev)
-        pool = torch.zeros(c, c, dtype=torch.bool, device=dev)
-        k = min(self.neg_pool or c - 1, c - 1)
-        for name, s in sims:
-            if name in self.neg_perspectives:
-                top = s.masked_fill(eye, float("-inf")).topk(k, dim=1).indices
-                pool.scatter_(1, top, True)
-        if "random" in self.neg_perspectives:
-            pool |= ~eye
-        pool &= ~eye
-        mean = torch.stack([s for _, s in sims]).mean(0) if sims else torch.zeros(c, c, device=dev)
-        off = mean.masked_fill(eye, float("nan"))
-        lo = torch.nan_to_num(off, nan=float("inf")).min(1, keepdim=True).values
-        hi = torch.nan_to_num(off, nan=float("-inf")).max(1, keepdim=True).values
-        match = ((mean - lo) / (hi - lo).clamp(min=1e-6)).clamp(0, 1).masked_fill(eye, 0.0)
-        self.register_buffer("neg_pool_mask", pool, persistent=False)
-        self.register_buffer("class_match", match, persistent=False)
+                sim = (t @ t.T).fill_diagonal_(float("-inf"))
+                k = min(self.neg_pool or len(self.classnames) - 1, len(self.classnames) - 1)
+                self.register_buffer("neg_pool_idx", sim.topk(k, dim=1).indices, persistent=False)
+        vocab = backbone.model.token_embedding.weight.shape[0]
+        # running token weights for evaluation (G6): learned state, saved in checkpoints
+        self.register_buffer("token_weight_table", torch.ones(vocab, device=backbone.device))
+        self.register_buffer("token_weight_seen", torch.zeros(vocab, dtype=torch.bool, device=backbone.device))
+        self._blank_feature = None  # frozen-tower blank feature (visual_prompt=none), filled on first use
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the MI table grows with the vocabulary seen: take the checkpoint's size
-        for name in ("mi_ids", "mi_val"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # ------------------------------------------------------------------ text side
+    def _tokens(self, backbone, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [N, L] of "<ctx_init> caption" and the caption-word mask [N, L]."""
+        tokens = backbone.tokenize([f"{self.prefix_text} {c}" for c in captions])
+        eot = tokens.argmax(dim=-1, keepdim=True)
+        pos = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        words = (pos >= 1 + self.n_prefix) & (pos < eot)
+        return tokens, words
 
-    # ------------------------------------------------------------------ tokens
-    def _word_ids(self, backbone, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text without start/end tokens (cached; tokenised in one batch)."""
-        todo = [t for t in dict.fromkeys(texts) if t not in self._tok_cache]
-        if todo:
-            toks = backbone.tokenize(todo).cpu()
-            for t, row in zip(todo, toks):
-                end = int(row.argmax())  # the end-of-text id is the largest
-                self._tok_cache[t] = row[1:end].tolist()
-        return [self._tok_cache[t] for t in texts]
-
-    def _assemble(self, backbone, captions: list[str], labels: list[int]):
-        """Token ids [N, L], prompt-slot index [N, L] (-1: none) and word-token mask [N, L]."""
-        n_a, n_c, L = self.n_attr_ctx if self.attr_ctx is not None else 0, self.n_cat_ctx, self._ctx_len
-        pieces = []
-        for cap, lab in zip(captions, labels):
-            parts = split_on_class(cap, self.classnames[lab]) if (n_c and 0 <= lab < len(self.classnames)) else None
-            pieces.append(parts if parts is not None else ("", "", cap))
-        flat = [p for trip in pieces for p in trip]
-        ids = self._word_ids(backbone, flat)
-        rows, slots, words = [], [], []
-        for i in range(len(captions)):
-            pre, cls, suf = ids[3 * i], ids[3 * i + 1], ids[3 * i + 2]
-            # (token id, prompt slot or -1, is a caption word) for each position between SOT and EOT
-            cat = [(0, n_a + j, False) for j in range(n_c)]
-            body = ([(t, -1, True) for t in pre]
-                    + (cat + [(t, -1, True) for t in cls] if self.cat_position == "before"
-                       else [(t, -1, True) for t in cls] + cat)
-                    + [(t, -1, True) for t in suf])
-            attr = [(0, j, False) for j in range(n_a)]
-            room = L - 2 - n_a
-            if room < n_c + 1:
-                raise ValueError(f"context length {L} leaves no room for the caption after {n_a + n_c} prompt tokens")
-            body = body[:room]  # truncate the caption, never the prompts or the end-of-text token
-            if n_c and not any(s >= n_a for _, s, _ in body):
-                body = (cat + body)[:room]
-            seq = [(self._sot, -1, False)] + (attr + body if self.attr_position == "front" else body + attr)
-            seq.append((self._eot, -1, False))
-            seq += [(0, -1, False)] * (L - len(seq))
-            rows.append([t for t, _, _ in seq])
-            slots.append([s for _, s, _ in seq])
-            words.append([w for _, _, w in seq])
-        dev = backbone.device
-        return (torch.tensor(rows, device=dev), torch.tensor(slots, device=dev), torch.tensor(words, device=dev))
-
-    def _prompts(self) -> torch.Tensor | None:
-        ctx = [p for p in (self.attr_ctx, self.cat_ctx) if p is not None]
-        return torch.cat(ctx) if ctx else None
-
-    def _embed(self, backbone, tokens, slots, words, weights: torch.Tensor | None = None) -> torch.Tensor:
-        emb = backbone.token_embedding(tokens).float()
-        ctx = self._prompts()
-        if ctx is not None:
-            emb = torch.where((slots >= 0)[..., None], ctx[slots.clamp(min=0)], emb)
+    def encode_text(self, backbone, tokens, weights: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            emb = backbone.token_embedding(tokens).float()
         if weights is not None:
             emb = emb * weights[..., None]
-        return emb
+        ctx, deep_text = self.prompts.text()
+        x = torch.cat([emb[:, :1], ctx.unsqueeze(0).expand(len(tokens), -1, -1), emb[:, 1 + self.n_ctx:]], dim=1)
+        return F.normalize(deep.encode_text(backbone.model, x, tokens, deep_text).float(), dim=-1)
 
-    def token_weights(self, tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor | None:
-        """Per-position weights from the MI scores (1 outside caption words and for unseen tokens)."""
-        if not self.token_reweight or self.mi_ids.numel() == 0:
-            return None
-        pos = torch.searchsorted(self.mi_ids, tokens).clamp(max=self.mi_ids.numel() - 1)
-        seen = (self.mi_ids[pos] == tokens) & words
-        m = torch.where(seen, self.mi_val[pos], torch.zeros_like(self.mi_val[pos]))
-        cnt = seen.sum(1, keepdim=True).clamp(min=1)
-        mean = m.sum(1, keepdim=True) / cnt
-        spread = self.mi_val.std().clamp(min=1e-6) if self.mi_val.numel() > 1 else self.mi_val.new_tensor(1.0)
-        z = (m - mean) / spread
-        w = 1.0 + self.reweight_strength * torch.tanh(z)
-        return torch.where(seen, w, torch.ones_like(w))
+    def encode_image(self, backbone, batch_or_images) -> torch.Tensor:
+        if self.visual_prompt == "none":
+            return F.normalize(batch_or_images.float(), dim=-1)
+        vctx, deep_vision = self.prompts.vision()
+        return F.normalize(deep.encode_image(backbone.model, batch_or_images, vctx, deep_vision).float(), dim=-1)
 
-    def encode_captions(self, backbone, captions: list[str], labels: list[int]) -> torch.Tensor:
-        """Normalised prompted caption embeddings [N, D]; duplicate captions are encoded once."""
-        key = list(dict.fromkeys(zip(captions, labels)))
-        where = {k: i for i, k in enumerate(key)}
-        tokens, slots, words = self._assemble(backbone, [c for c, _ in key], [l for _, l in key])
-        emb = self._embed(backbone, tokens, slots, words, self.token_weights(tokens, words))
-        feats = F.normalize(backbone.encode_text_embeddings(emb, tokens).float(), dim=-1)
-        return feats[torch.tensor([where[k] for k in zip(captions, labels)], device=feats.device)]
-
-    # ------------------------------------------------------------------ MI scores
+    # ------------------------------------------------------------------ token weights (Fig. 2, left)
     @torch.no_grad()
-    def _occlusion_mi(self, backbone, img: torch.Tensor, captions: list[str], labels: list[int]):
-        """(token ids, PMI drops) of every caption word token, occluding one token at a time."""
-        tokens, slots, words = self._assemble(backbone, captions, labels)
-        weights = self.token_weights(tokens, words)
-        emb = self._embed(backbone, tokens, slots, words, weights)
-        scale = float(backbone.logit_scale)
-        full = (F.normalize(backbone.encode_text_embeddings(emb, tokens).float(), dim=-1) * img).sum(-1)
+    def _single_token_features(self, backbone, ids: torch.Tensor) -> torch.Tensor:
+        """Frozen CLIP text features of each token id alone, "[SOT] id [EOT]" (G4; cached per id)."""
+        todo = sorted({int(i) for i in ids.unique().tolist()} - set(self._token_feats))
+        if todo:
+            probe = backbone.tokenize([""])[0]
+            sot, eot = int(probe[0]), int(probe[1])
+            t = torch.zeros(len(todo), probe.shape[0], dtype=torch.long, device=ids.device)
+            t[:, 0], t[:, 1], t[:, 2] = sot, torch.tensor(todo, device=ids.device), eot
+            feats = F.normalize(backbone.encode_text(t).float(), dim=-1)
+            self._token_feats.update({i: f for i, f in zip(todo, feats)})
+        return torch.stack([self._token_feats[int(i)] for i in ids.tolist()]) if len(ids) else \
+            torch.zeros(0, backbone.embed_dim, device=ids.device)
+
+    @torch.no_grad()
+    def _blank_images(self, backbone, like: torch.Tensor) -> torch.Tensor:
+        if self.blank == "mean":
+            return torch.zeros_like(like[:1])
+        mean = torch.tensor(backbone.mean, device=like.device).view(1, 3, 1, 1)
+        std = torch.tensor(backbone.std, device=like.device).view(1, 3, 1, 1)
+        value = 1.0 if self.blank == "white" else 0.0
+        return ((torch.full_like(like[:1], value) - mean) / std).to(like.dtype)
+
+    @torch.no_grad()
+    def dynamic_weights(self, backbone, tokens, words, img_feats: torch.Tensor, blank_feat: torch.Tensor) -> torch.Tensor:
+        """w_j = |S(token_j, I'_blank) - S(token_j, I')| per caption word (Fig. 2), normalised (G5)."""
         rows, cols = torch.nonzero(words, as_tuple=True)
+        w = torch.ones(tokens.shape, device=tokens.device)
         if rows.numel() == 0:
-            return tokens.new_zeros(0), img.new_zeros(0)
-        drops = []
-        for s in range(0, rows.numel(), 512):
-            r, c = rows[s:s + 512], cols[s:s + 512]
-            e = emb[r].clone()
-            e[torch.arange(len(r), device=e.device), c] = 0.0
-            t = F.normalize(backbone.encode_text_embeddings(e, tokens[r]).float(), dim=-1)
-            drops.append(scale * (full[r] - (t * img[r]).sum(-1)))
-        return tokens[rows, cols], torch.cat(drops)
-
-    @torch.no_grad()
-    def _update_mi(self, ids: torch.Tensor, drops: torch.Tensor, momentum: float) -> None:
+            return w
+        ids = tokens[rows, cols]
+        t = self._single_token_features(backbone, ids)
+        raw = ((t * blank_feat).sum(-1) - (t * img_feats[rows]).sum(-1)).abs()
+        total = torch.zeros(tokens.shape[0], device=w.device).index_add_(0, rows, raw)
+        count = words.sum(1).clamp(min=1).float()
+        norm = raw / (total / count)[rows].clamp(min=1e-8)
+        w[rows, cols] = norm
+        # running per-token weights for evaluation (G6)
+        m = self.reweight_momentum
         uniq, inv = torch.unique(ids, return_inverse=True)
-        mean = torch.zeros(len(uniq), device=drops.device).index_add_(0, inv, drops)
-        mean = mean / torch.bincount(inv, minlength=len(uniq)).float()
-        all_ids = torch.unique(torch.cat([self.mi_ids.to(uniq.device), uniq]))
-        vals = torch.zeros(len(all_ids), device=drops.device)
-        if self.mi_ids.numel():
-            vals[torch.searchsorted(all_ids, self.mi_ids.to(all_ids.device))] = self.mi_val.to(drops.device)
-        pos = torch.searchsorted(all_ids, uniq)
-        known = torch.isin(uniq, self.mi_ids.to(uniq.device))
-        vals[pos] = torch.where(known, momentum * vals[pos] + (1 - momentum) * mean, mean)
-        self.mi_ids, self.mi_val = all_ids, vals
+        mean = torch.zeros(len(uniq), device=w.device).index_add_(0, inv, norm) / torch.bincount(inv).float()
+        seen = self.token_weight_seen[uniq]
+        old = self.token_weight_table[uniq]
+        self.token_weight_table[uniq] = torch.where(seen, m * old + (1 - m) * mean, mean)
+        self.token_weight_seen[uniq] = True
+        return self._blend(w, words)
 
-    def _init_mi(self, backbone, feats, caps, labels) -> None:
-        n = min(len(caps), self.mi_init_max_pairs)
-        idx = torch.randperm(len(caps), generator=self._gen)[:n].tolist()
-        ids, drops = self._occlusion_mi(backbone, feats[idx], [caps[i] for i in idx], [int(labels[i]) for i in idx])
-        self.mi_ids, self.mi_val = ids.new_zeros(0), drops.new_zeros(0)
-        if ids.numel():
-            self._update_mi(ids, drops, momentum=0.0)
+    def _blend(self, w: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        blended = (1.0 + self.reweight_strength * (w - 1.0)).clamp(min=0.0)
+        return torch.where(words, blended, torch.ones_like(w))
 
-    # ------------------------------------------------------------------ negatives
-    def sample_negatives(self, captions: list[str], labels: list[int]):
-        """Sub-category-swapped captions [B*M], their classes [B*M] and log-weights [B, M]."""
-        m = self.n_negatives
-        pool = self.neg_pool_mask.cpu()
-        match = self.class_match.cpu()
-        negs, neg_labels, logw = [], [], torch.zeros(len(captions), m)
+    def eval_weights(self, tokens, words) -> torch.Tensor | None:
+        if not self.token_reweight or self.eval_reweight == "none" or not bool(self.token_weight_seen.any()):
+            return None
+        return self._blend(self.token_weight_table[tokens], words & self.token_weight_seen[tokens])
+
+    # ------------------------------------------------------------------ negatives (Fig. 2, right)
+    def _alter_attribute(self, caption: str) -> str | None:
+        """The caption with one attribute word replaced by another of its family (G8), or None."""
+        spots = [(rx, m) for rx in self._attr_res for m in rx.finditer(caption)]
+        if not spots:
+            return None
+        rx, m = spots[int(torch.randint(len(spots), (1,), generator=self._gen))]
+        family = next(f for f in self.attribute_words if m.group(1).lower() in (w.lower() for w in f))
+        choices = [w for w in family if w.lower() != m.group(1).lower()]
+        new = choices[int(torch.randint(len(choices), (1,), generator=self._gen))]
+        if m.group(1)[:1].isupper():
+            new = new[:1].upper() + new[1:]
+        return caption[:m.start(1)] + new + caption[m.end(1):]
+
+    def make_negatives(self, captions: list[str], labels: list[int]) -> tuple[list[str], torch.Tensor]:
+        """Negatives [B*M] (swapped first, then attribute-altered) and their log-weights [B, M]
+        (``log(1 + alpha)`` for same-category negatives under category weighting, 0 otherwise,
+        ``-inf`` for a slot that could not be filled)."""
+        ms, ma = self.swap_negatives, self.attr_negatives
+        negs, logw = [], torch.zeros(len(captions), ms + ma)
+        same = float(torch.log1p(torch.tensor(self.alpha))) if self.category_weighting else 0.0
         for b, (cap, lab) in enumerate(zip(captions, labels)):
-            cands = torch.nonzero(pool[lab]).flatten()
-            order = cands[torch.randperm(len(cands), generator=self._gen)][:m]
-            for j in range(m):
-                new = None
-                if j < len(order):
-                    c = int(order[j])
-                    new = swap_class(cap, self.classnames[lab], self.classnames[c])
-                if new is None:  # class name not in the caption, or too few candidates: drop the slot
-                    negs.append(cap)
-                    neg_labels.append(lab)
-                    logw[b, j] = float("-inf")
-                    continue
-                negs.append(new)
-                neg_labels.append(c)
-                if self.category_weighting:
-                    logw[b, j] = math.log1p(self.match_lambda * float(match[lab, c]))
-        return negs, neg_labels, logw
+            if ms:
+                cands = self.neg_pool_idx[lab].cpu() if 0 <= lab < len(self.classnames) else torch.zeros(0, dtype=torch.long)
+                order = cands[torch.randperm(len(cands), generator=self._gen)]
+                for j in range(ms):
+                    new = None
+                    if len(order):
+                        c = int(order[j % len(order)])
+                        new = swap_class(cap, self.classnames[lab], self.classnames[c])
+                    negs.append(new if new is not None else cap)
+                    logw[b, j] = 0.0 if new is not None else float("-inf")  # swapped class: w = 1
+            for j in range(ma):
+                new = self._alter_attribute(cap)
+                negs.append(new if new is not None else cap)
+                logw[b, ms + j] = same if new is not None else float("-inf")
+        return negs, logw
 
     # ------------------------------------------------------------------ forward
     def forward(self, backbone, batch: dict[str, Any]) -> dict[str, Any]:
-        img = F.normalize(batch["features"].float(), dim=-1)
+        images = batch["features"] if self.visual_prompt == "none" else batch["image"]
+        img = self.encode_image(backbone, images)
         captions = list(batch["caption"])
-        labels = [int(l) for l in batch["label"]] if "label" in batch else [-1] * len(captions)
-        out = {"image_features": img, "logit_scale": backbone.logit_scale.float()}
-        if self.training and self.token_reweight and self._steps % self.mi_every == 0:
-            ids, drops = self._occlusion_mi(backbone, img, captions, labels)
-            if ids.numel():
-                self._update_mi(ids, drops, self.mi_momentum)
-        if self.training:
-            self._steps += 1
-        out["text_features"] = self.encode_captions(backbone, captions, labels)
+        tokens, words = self._tokens(backbone, captions)
+        scale = backbone.logit_scale.float()
+        if self.training and self.token_reweight:
+            blank = self._blank_feature_of(backbone, images)
+            weights = self.dynamic_weights(backbone, tokens, words, img.detach(), blank)
+        else:
+            weights = self.eval_weights(tokens, words)
+        txt = self.encode_text(backbone, tokens, weights)
+        out = {"image_features": img, "text_features": txt, "logit_scale": scale}
         b = len(captions)
-        if self.training and self.hard_negatives:
-            negs, neg_labels, logw = self.sample_negatives(captions, labels)
-            out["neg_text_features"] = self.encode_captions(backbone, negs, neg_labels).view(b, self.n_negatives, -1)
-            out["neg_log_weight"] = logw.to(img.device)
-        elif not self.training and batch.get("negatives") and len(batch["negatives"][0]):
-            m = len(batch["negatives"][0])
-            flat = [n for row in batch["negatives"] for n in row]
-            nl = batch["neg_labels"].flatten().tolist() if "neg_labels" in batch else [-1] * len(flat)
-            out["neg_text_features"] = self.encode_captions(backbone, flat, nl).view(b, m, -1)
+        if self.training and self.cate_loss:
+            labels = [int(x) for x in batch["label"]] if "label" in batch else [-1] * b
+            negs, logw = self.make_negatives(captions, labels)
+            n_tokens, n_words = self._tokens(backbone, negs)
+            # G5: a negative keeps the weights of its own words from the running table
+            neg = self.encode_text(backbone, n_tokens, self.eval_weights(n_tokens, n_words)).view(b, -1, txt.shape[-1])
+            pos = txt
+            if self.caa is not None:
+                pos, neg = F.normalize(self.caa(pos), dim=-1), F.normalize(self.caa(neg), dim=-1)
+            logits = torch.cat([(img * pos).sum(-1, keepdim=True), torch.einsum("bd,bmd->bm", img, neg)], 1) * scale
+            logits = logits + torch.cat([logw.new_zeros(b, 1), logw], 1).to(logits.device)  # +log w (G9)
+            l_cate = -logits.log_softmax(1)[:, 0].mean()
+            out["aux_loss"] = self.cate_weight * l_cate
+            out["l_cate"] = l_cate.detach()
+        elif not self.training:
+            negs = batch.get("negatives")
+            if negs and len(negs[0]):
+                flat = [n for row in negs for n in row]
+                n_tokens, n_words = self._tokens(backbone, flat)
+                out["neg_text_features"] = self._maybe_caa(
+                    self.encode_text(backbone, n_tokens, self.eval_weights(n_tokens, n_words))).view(b, len(negs[0]), -1)
+            out["text_features"] = self._maybe_caa(txt)
         return out
+
+    def _maybe_caa(self, t: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.caa(t), dim=-1) if (self.caa is not None and self.caa_at_test) else t
+
+    @torch.no_grad()
+    def _blank_feature_of(self, backbone, images: torch.Tensor) -> torch.Tensor:
+        """The (prompted) image feature of the blank image, with the current prompts."""
+        if self.visual_prompt == "none":
+            if getattr(self, "_blank_feature", None) is None:
+                size = backbone.image_size
+                px = torch.zeros(1, 3, size, size, device=images.device)
+                self._blank_feature = F.normalize(backbone.encode_image(self._blank_images(backbone, px)).float(), dim=-1)
+            return self._blank_feature[0]
+        return self.encode_image(backbone, self._blank_images(backbone, images))[0]
+

@@ -11,12 +11,14 @@ image and the label (``targets: [support_image, support_mask]``); the other offi
 reachable with ``targets`` (e.g. ``[support_image]``, ``[support_image, query_image]``).
 
 Geometry: ``prompt_size`` / ``pad`` default to the official 224 / 30 scaled to the backbone's
-canvas (64-px canvas: 64 / 9). Optimiser (paper setting, ``experiments/inmemo_pascal5i.yaml``):
-Adam, lr 40, wd 0, 100 epochs, batch 32.
-Departures: CosineAnnealingWarmRestarts(T_0=10) is replaced by the framework's cosine schedule
-(no restarts); no AMP on the CPU; canvases are ImageNet-normalised in training too (the
-official training loop feeds un-normalised canvases, its evaluation normalised ones); the
-prompt is added in [0, 1] pixel space as the official training does.
+canvas (64-px canvas: 64 / 9). Paper setting: ``experiments/paper/inmemo_pascal5i.yaml`` and
+``inmemo_voc_det.yaml`` (Adam, lr 40, wd 0, 100 epochs, batch 32, every value cited there).
+Official training conventions, selectable (``ICLMethod``): ``official_target_norm`` (targets
+from the un-normalised label canvas) and ``official_train_norm`` (the MAE sees un-normalised
+canvases in training); the segmentation card sets both. Remaining departures (one line each in
+docs/visual_icl.md): cosine schedule without warm restarts (official CosineAnnealingWarmRestarts
+T_0=10, stepped per epoch); the loss is not divided by the batch size; for detection the prompt
+is added in [0, 1] pixel space (the official detection code adds it to ImageNet-normalised cells).
 """
 
 from __future__ import annotations

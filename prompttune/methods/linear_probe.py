@@ -36,10 +36,12 @@ class LinearProbe(Method):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         if self.init == "zero_shot":
-            from prompttune.methods.zero_shot import class_text_features
+            from prompttune.methods.zero_shot import class_text_features, resolve_templates
 
+            # the zero-shot classifier of the same data: its template, class names with '_' -> ' '
+            templates = resolve_templates(None, False, info)
             with torch.no_grad():
-                self.head.weight.copy_(class_text_features(backbone, info["classnames"], ["a photo of a {}."]) * 10)
+                self.head.weight.copy_(class_text_features(backbone, info["classnames"], templates) * 10)
 
     def forward(self, backbone, batch):
         x = batch["features"]

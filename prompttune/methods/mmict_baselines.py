@@ -43,22 +43,24 @@ class FineTuneQFormer(MHub):
 
 
 class _RawFeatureDemos(InContextBLIP2):
-    """Vanilla ICT format: [vis_d BOS text_d EOC]*k vis_q BOS prompt_q."""
+    """Vanilla ICT format (official ``instruct_qformer: False`` branch of ``blip2_t5.py``: every
+    segment is its query outputs + the LM's embeddings of its text):
+    [vis_d BOS text_d EOC]*k vis_q BOS prompt_q (no BOS for Flan-T5, whose texts end in ``</s>``)."""
 
     def visual(self, backbone: Blip2Backbone, image_embeds: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def build_prefix(self, backbone, batch):
-        img = backbone.encode_images(batch["image"])
+        img, pooled = self.vision_tokens(backbone, batch["image"])
         b = img.shape[0]
         vis = self.visual(backbone, img)
         tails = self.query_tail(backbone, batch["prompt"])
         segs: list[list[torch.Tensor]] = [[] for _ in range(b)]
         if self.k:
-            idx = self.select(batch, img.mean(1))
-            flat = idx.reshape(-1)
-            dvis = self.visual(backbone, self.pool_feats[flat])
-            dtails = self.query_tail(backbone, [self.pool_text[j] for j in flat.tolist()])
+            flat = [j for row in self.select(batch, pooled) for j in row]
+            d_img, _ = self.vision_tokens(backbone, self.demo_images(flat, img.device))
+            dvis = self.visual(backbone, d_img)
+            dtails = self.query_tail(backbone, [self.demo_text(self._pool_rows[j]) for j in flat])
             eoc = self.eoc.to(dvis.dtype)[None]
             for i in range(b):
                 for j in range(self.k):
@@ -95,11 +97,23 @@ class LoRALM(_RawFeatureDemos):
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.05,
                  target_modules: list[str] | tuple[str, ...] = ("q_proj", "v_proj", "q", "v"), **kw: Any):
         super().__init__(**kw)
+        if self.demo_padding:
+            raise ValueError("lora_lm: demo_padding applies to Q-Former text features; lora_lm has none")
+        if self.train_ln_vision:
+            raise ValueError("lora_lm trains only the LM's adapters; method.train_ln_vision must be false")
         if int(r) < 1:
             raise ValueError(f"method.r (LoRA rank) must be >= 1, got {r}")
         self.r, self.alpha, self.dropout_p, self.target_modules = int(r), float(alpha), float(dropout), tuple(target_modules)
         self.adapters = nn.ModuleDict()
         self._targets: dict[str, str] = {}
+
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        from prompttune.config import ConfigError
+
+        if int(cfg.method.get("r", 1)) < 1:
+            raise ConfigError(f"method.r={cfg.method.r!r}: expected a LoRA rank >= 1")
 
     def build_trainable(self, backbone: Blip2Backbone) -> None:
         for name, mod in backbone.language_model.named_modules():

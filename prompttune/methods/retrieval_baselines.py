@@ -2,17 +2,17 @@
 
 * ``zero_shot_retrieval``: frozen CLIP, captions encoded as written (Radford et al., 2021);
   nothing is trained.
-* ``coop_retrieval``: CoOp (Zhou et al., IJCV 2022, Eq. 2) adapted to captions as DCAR's
-  baseline is: one learned context, shared by all captions, prepended to each caption
-  (``[SOT] [V]_1..[V]_M caption [EOT]``, ``ctx_position: front``) or appended after it
-  (``[SOT] caption [V]_1..[V]_M [EOT]``, ``end``, the default: the caption tokens keep their
-  positions and, under the causal text mask, their zero-shot states; only the pooled
-  end-of-text state changes, which a small CLIP tolerates much better), trained with CLIP's symmetric InfoNCE over the batch.
-  It is :class:`~prompttune.methods.dual_prompt.DualPrompt` with the sub-category prompt,
-  the token re-weighting and the hard negatives off, so the ablation compares the same code
-  path. Departure from CoOp: the context is prepended to a free-form caption rather than to
-  a class name, and the loss is the retrieval one (CoOp's is classification cross-entropy);
-  ``methods/coop.py``'s ``PromptLearner`` holds a fixed class list, so it is not reused.
+* ``coop_retrieval``: CoOp (Zhou et al., IJCV 2022, Eq. 2) on captions with CoOp's own
+  settings: one learned context shared by all captions, *before* the caption
+  (``[SOT] [V]_1..[V]_M caption [EOT]``, ``ctx_position: front``, as CoOp puts it before the
+  class name), initialised from a phrase or N(0, 0.02^2), SGD (CoOp: lr 0.002, momentum 0.9,
+  weight decay 5e-4, cosine, one warm-up epoch; ``configs/method/coop_retrieval.yaml``),
+  trained with CLIP's symmetric InfoNCE over the batch. It is
+  :class:`~prompttune.methods.dual_prompt_text.DualPromptText` with the sub-category prompt,
+  the token re-weighting and the hard negatives off. Departures from CoOp: a free-form
+  caption replaces the class name and the loss is the retrieval one (CoOp's is
+  classification cross-entropy); ``ctx_position: end`` (context after the caption) is kept
+  as an option, not CoOp's.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import torch.nn.functional as F
 
 from prompttune.backbones.clip import CLIPBackbone
 from prompttune.methods.base import Method
-from prompttune.methods.dual_prompt import DualPrompt
+from prompttune.methods.dual_prompt_text import DualPromptText
 from prompttune.registry import METHODS
 
 
 @METHODS.register("zero_shot_retrieval")
 class ZeroShotRetrieval(Method):
+    trains = False  # evaluation only: method.optim.epochs is 0
     task = "retrieval"
     backbone_kind = CLIPBackbone
     consumes = "image_features"
@@ -57,8 +58,8 @@ class ZeroShotRetrieval(Method):
 
 
 @METHODS.register("coop_retrieval")
-class CoOpRetrieval(DualPrompt):
-    def __init__(self, n_ctx: int = 4, ctx_init: str | None = None, ctx_position: str = "end", init_std: float = 0.02):
+class CoOpRetrieval(DualPromptText):
+    def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, ctx_position: str = "front", init_std: float = 0.02):
         if not ctx_init and n_ctx < 1:
             raise ValueError("coop_retrieval needs n_ctx >= 1 or a ctx_init phrase")
         super().__init__(n_attr_ctx=n_ctx, attr_init=ctx_init, n_cat_ctx=0, init_std=init_std, attr_position=ctx_position,

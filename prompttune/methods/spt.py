@@ -33,8 +33,13 @@ Departures from the official code:
   random subset of ``kmeans_samples`` tokens per layer, at setup.
 * The official shallow variant only has random sampling from the patch embeddings; here
   every ``init_type`` also works for shallow prompts (on layer 0).
-* The official training uses model EMA (0.9999) and drop-path 0.1 on the frozen model;
-  neither is used here (see ``docs/visual_prompt_tuning.md``).
+* The official scripts keep a model EMA (``--model_ema``, 0.9999) but validate and report the
+  non-EMA model (``train_MAE.py:386``), so the EMA cannot change a reported number; it is not
+  kept here.
+* The official prototype images are drawn with replacement (``torch.randint``,
+  ``train_MAE.py:105``); here the first ``init_images`` of the seeded shuffled training order,
+  without replacement. Drop-path on the frozen model is ``backbone.drop_path_rate`` (the
+  README recipes pass ``--drop_path 0.0``).
 """
 
 from __future__ import annotations
@@ -44,13 +49,27 @@ from typing import Any
 import torch
 
 from prompttune.backbones.vit import ViTBackbone
-from prompttune.methods._vit_prompts import INIT_TYPES, PrototypeSampler
+from prompttune.config import ConfigError
+from prompttune.methods._vit_prompts import INIT_TYPES, PrototypeSampler, check_number
 from prompttune.methods.vpt import VPT
 from prompttune.registry import METHODS
 
 
 @METHODS.register("spt")
 class SPT(VPT):
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        super().check_config(cfg)
+        m = cfg.method
+        if "init_type" in m and m.init_type not in INIT_TYPES:
+            raise ConfigError(f"method.init_type={m.init_type!r}: expected one of {', '.join(INIT_TYPES)}")
+        check_number(m, "init_images", lo=1, integer=True)
+        check_number(m, "kmeans_iters", lo=1, integer=True)
+        check_number(m, "kmeans_samples", lo=1, integer=True)
+        if m.get("init_type") == "kmeans" and int(m.get("kmeans_samples", 4096)) < int(m.get("num_prompts", 1)):
+            raise ConfigError(f"method.kmeans_samples={m.kmeans_samples}: k-means needs at least num_prompts="
+                              f"{m.num_prompts} tokens per layer")
+
     def _extra_init_args(self, init_type: str = "random", init_images: int = 1024, kmeans_samples: int = 4096,
                          kmeans_iters: int = 30, **kw: Any) -> None:
         if init_type not in INIT_TYPES:

@@ -34,8 +34,9 @@ Departures:
   tensor, where the official code resizes the PIL image (bicubic) to 164 directly.
 * The source model can be any model with a zero-shot scorer (CLIP or BLIP-2 here); the
   paper's sources are MLLMs (MiniGPT-4, InstructBLIP, BLIP-2, ...).
-* The TSE CLIP is any CLIP backbone config (the paper: OpenAI ViT-B/32). With
-  ``tse_backbone: null`` the source model itself is used if it is a CLIP.
+* The TSE CLIP is any CLIP backbone config (the paper: a separate OpenAI ViT-B/32). TSE on the
+  source model itself (``tse_backbone: null``) is refused at compose time unless
+  ``tse_on_source: true``, which warns loudly (TVP is then close to VP by construction).
 * FCA's clean embedding is computed under ``no_grad`` (the official code builds a graph
   for it that no gradient ever uses).
 * A loaded prompt whose centre is not zero is masked to the frame (with a warning): the
@@ -46,6 +47,7 @@ Departures:
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -56,8 +58,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from prompttune.backbones.scorers import CLIPScorer, ZeroShotScorer, build_scorer, make_scorer, resize_pixels
+from prompttune.config import ConfigError
 from prompttune.methods.base import Method
 from prompttune.registry import METHODS
+
+log = logging.getLogger("prompttune")
 
 
 # ---------------------------------------------------------------------------- prompt file format
@@ -132,11 +137,13 @@ class VisualPrompt(Method):
     def __init__(self, canvas_size: int | None = None, image_size: int = 24, prompt_size: int = 4,
                  fca: float = 0.0, tse: float = 0.0, tse_backbone: str | dict | None = None,
                  tse_template: str = "this is a photo of a {}", template: str = "a photo of a {}.",
-                 checkpoint: str | None = None, **unknown: Any):
+                 checkpoint: str | None = None, tse_on_source: bool = False, tse_weights: str | None = None,
+                 **unknown: Any):
         super().__init__()
         if unknown:
             raise TypeError(f"unknown {self.registry_name} option(s) {sorted(unknown)}; valid: canvas_size, "
-                            "image_size, prompt_size, fca, tse, tse_backbone, tse_template, template, checkpoint")
+                            "image_size, prompt_size, fca, tse, tse_backbone, tse_template, template, checkpoint, "
+                            "tse_on_source, tse_weights")
         if fca < 0 or tse < 0:
             raise ValueError(f"fca ({fca}) and tse ({tse}) are loss weights and must be >= 0")
         if "{}" not in tse_template:
@@ -145,6 +152,7 @@ class VisualPrompt(Method):
         self.fca, self.tse = float(fca), float(tse)
         self.tse_backbone, self.tse_template, self.template = tse_backbone, tse_template, template
         self.checkpoint = checkpoint
+        self.tse_on_source, self.tse_weights = bool(tse_on_source), tse_weights
         self.canvas_size: int | None = None
         # plain attributes, not submodules: never trained, never checkpointed
         self.classnames: list[str] = []
@@ -152,6 +160,31 @@ class VisualPrompt(Method):
         self._data_norm: tuple[tuple, tuple] | None = None
         if canvas_size is not None:
             self.build(int(canvas_size))
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        m = cfg.method
+        for key in ("fca", "tse"):
+            v = m.get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"method.{key}={v!r}: expected a loss weight >= 0")
+        if m.get("tse", 0.0) > 0:
+            tse_backbone = m.get("tse_backbone")
+            on_source = bool(m.get("tse_on_source", False))
+            if tse_backbone is None and not on_source:
+                raise ConfigError(
+                    f"method.tse={m.tse} with method.tse_backbone=null: TSE would use the source model itself, "
+                    "which makes TVP close to VP by construction; the paper uses a separate CLIP ViT-B/32. "
+                    "Set method.tse_backbone to a CLIP backbone config (clip_vit_b32; embedded default zoo_clip_s2), "
+                    "or method.tse_on_source=true to do it anyway")
+            if isinstance(tse_backbone, str) and tse_backbone == (cfg.get("choices") or {}).get("backbone") and not on_source:
+                raise ConfigError(
+                    f"method.tse_backbone={tse_backbone!r} is the source backbone itself (backbone={tse_backbone!r}): "
+                    "TSE needs a separate CLIP; choose another, or set method.tse_on_source=true")
+        for key in ("image_size", "prompt_size"):
+            v = m.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"method.{key}={v!r}: expected a whole number >= 1")
 
     # ------------------------------------------------------------------ parameters
     def build(self, canvas_size: int) -> None:
@@ -193,16 +226,34 @@ class VisualPrompt(Method):
             self.build(int(scorer.image_size))
         self._data_norm = (tuple(data_mean or scorer.mean), tuple(data_std or scorer.std))
         if self.tse > 0 and "tse" not in self._scorers:
-            if self.tse_backbone is None:
-                if not isinstance(scorer, CLIPScorer):
-                    raise ValueError("tse > 0 needs a CLIP: set tse_backbone to a backbone config name "
-                                     f"(e.g. zoo_clip_s2); the source {scorer.name!r} is not a CLIP")
-                self._scorers["tse"] = scorer
-            else:
-                tse = build_scorer(self.tse_backbone)
-                if not isinstance(tse, CLIPScorer):
-                    raise ValueError(f"tse_backbone {self.tse_backbone!r} must be a CLIP backbone, got {tse.name!r}")
-                self._scorers["tse"] = tse
+            self._scorers["tse"] = self._tse_scorer(source, scorer)
+
+    def _tse_scorer(self, source: Any, scorer: ZeroShotScorer) -> ZeroShotScorer:
+        """The TSE CLIP: a separate model (the paper: OpenAI CLIP ViT-B/32, ``transfer_cls.py:286``);
+        the source itself only on the explicit ``tse_on_source: true`` opt-in (then TVP ~ VP)."""
+        if self.tse_backbone is None:
+            if not self.tse_on_source:
+                raise ValueError(f"{self.registry_name}: tse={self.tse} needs a separate CLIP for TSE: set "
+                                 "tse_backbone to a CLIP backbone config (the paper: clip_vit_b32; embedded "
+                                 "default: zoo_clip_s2), or tse_on_source=true to use the source model itself")
+            if not isinstance(scorer, CLIPScorer):
+                raise ValueError("tse > 0 needs a CLIP: set tse_backbone to a backbone config name "
+                                 f"(e.g. zoo_clip_s2); the source {scorer.name!r} is not a CLIP")
+            msg = (f"{self.registry_name}: TSE ON THE SOURCE MODEL ({scorer.name}) (tse_on_source=true): the TSE "
+                   "gradient then comes from the model being prompted and TVP is close to VP by construction; "
+                   "the paper uses a separate CLIP ViT-B/32")
+            warnings.warn(msg, stacklevel=3)
+            log.warning(msg)
+            return scorer
+        if isinstance(self.tse_backbone, (ZeroShotScorer, nn.Module)):  # a built model (tests, notebooks)
+            tse = make_scorer(self.tse_backbone)
+        else:
+            # the TSE model follows the source's weights setting (random for smoke runs) unless set
+            weights = self.tse_weights or getattr(source, "weights", None)
+            tse = build_scorer(self.tse_backbone, weights=weights)
+        if not isinstance(tse, CLIPScorer):
+            raise ValueError(f"tse_backbone {self.tse_backbone!r} must be a CLIP backbone, got {tse.name!r}")
+        return tse
 
     def scorer(self, which: str = "source") -> ZeroShotScorer:
         if which not in self._scorers:

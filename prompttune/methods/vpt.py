@@ -8,7 +8,9 @@ What it implements:
   (``methods/_vit_prompts.prompted_forward``);
 * random initialisation as in the official code: ``U(-v, v)``, ``v = sqrt(6 / (3·p² + D))``
   with p the patch size (Xavier uniform over the patch projection's fan-in + fan-out);
-* prompt dropout (official ``PROMPT.DROPOUT``) on the prompts before insertion;
+* prompt dropout (official ``PROMPT.DROPOUT``, default 0.0, ``src/configs/config.py:74``),
+  applied after the prompts are expanded to the batch, so every sample draws its own mask
+  (``src/models/vit_prompt/vit.py:82,114``);
 * a linear head on the pooled feature (the official "cls" head; a single linear layer
   as in the paper's ViT-B experiments).
 
@@ -25,7 +27,10 @@ Departures:
   head weight with ``head_weight_decay``, biases undecayed), so that vpt and spt differ
   only in the initialisation. The official VPT uses SGD (momentum 0.9) with one decay;
   ``configs/method/vpt.yaml`` sets SGD.
-* The head init is timm's (``trunc_normal(0.02)``, zero bias), not VPT's MLP-head init.
+* The head init is ``trunc_normal(head_init_std)`` (0.02, timm's and SPT's; 0.01 in SPT's MoCo
+  script), zero bias, not VPT's MLP-head init.
+* VPT's lr is ``base_lr × batch / 256`` (``tune_fgvc.py:31``); prompttune takes the effective
+  lr, so a card states the product (``experiments/paper/vpt_cub.yaml``).
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ import torch
 from torch import nn
 
 from prompttune.backbones.vit import ViTBackbone
-from prompttune.methods._vit_prompts import (ClassifierHead, check_vit, head_param_groups, num_classes_of,
-                                             prompted_forward, vpt_uniform_)
+from prompttune.config import ConfigError
+from prompttune.methods._vit_prompts import (ClassifierHead, check_number, check_vit, head_param_groups,
+                                             num_classes_of, prompted_forward, vpt_uniform_)
 from prompttune.methods.base import Method
 from prompttune.registry import METHODS
 
@@ -49,7 +55,8 @@ class VPT(Method):
     consumes = "images"
 
     def __init__(self, num_prompts: int = 50, deep: bool = False, prompt_dropout: float = 0.0,
-                 pool_prompts: bool = True, head_weight_decay: float | None = None, **kw: Any):
+                 pool_prompts: bool = True, head_weight_decay: float | None = None, head_init_std: float = 0.02,
+                 **kw: Any):
         super().__init__()
         if int(num_prompts) < 1:
             raise ValueError(f"{self.registry_name}.num_prompts must be >= 1, got {num_prompts}")
@@ -58,10 +65,21 @@ class VPT(Method):
         self.num_prompts, self.deep = int(num_prompts), bool(deep)
         self.pool_prompts = bool(pool_prompts)
         self.head_weight_decay = head_weight_decay
+        self.head_init_std = float(head_init_std)
         self.dropout = nn.Dropout(float(prompt_dropout))
         self.prompts: nn.Parameter | None = None
         self.head: ClassifierHead | None = None
         self._extra_init_args(**kw)
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        m = cfg.method
+        check_number(m, "num_prompts", lo=1, integer=True)
+        check_number(m, "prompt_dropout", lo=0.0, hi=1.0, hi_open=True)
+        check_number(m, "head_init_std", lo=0.0, lo_open=True)
+        check_number(m, "head_weight_decay", lo=0.0, allow_none=True)
+        if "deep" in m and not isinstance(m.deep, bool):
+            raise ConfigError(f"method.deep={m.deep!r}: expected true or false")
 
     def _extra_init_args(self, **kw: Any) -> None:
         if kw:
@@ -88,7 +106,7 @@ class VPT(Method):
             raise RuntimeError(f"prompt init has shape {tuple(init.shape)}, expected {want}")
         device = backbone.device
         self.prompts = nn.Parameter(init.to(device))
-        self.head = ClassifierHead(backbone.embed_dim, n_cls).to(device)
+        self.head = ClassifierHead(backbone.embed_dim, n_cls, self.head_init_std).to(device)
 
     # -- forward -------------------------------------------------------------------
     def forward(self, backbone: Any, batch: dict[str, Any]) -> dict[str, Any]:

@@ -36,3 +36,38 @@ class Task(nn.Module):
 
     def reset(self, stage: str) -> None:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ per-item scores
+    # Each test item's own score (correct or not, IoU, CIDEr, recall hits), so that two methods
+    # can be compared *paired* on the same items with a bootstrap CI (prompttune.stats). The mean
+    # of a metric's per-item scores is the metric. Runs write them to ``test_items.json``.
+    def record_items(self, stage: str, batch: dict[str, Any] | None = None, replace: bool = False,
+                     **scores: Any) -> None:
+        """Add per-item scores of ``stage`` (this rank's batch), or, with ``replace``, set those of the
+        whole split (computed from already gathered state); ``batch["index"]`` names the items."""
+        stores = self.__dict__.setdefault("_item_store", {})
+        if replace or stage not in stores:
+            stores[stage] = {"index": [], "scores": {}, "whole_split": replace}
+        store = stores[stage]
+        n = None
+        for name, v in scores.items():
+            vals = [float(x) for x in (v.detach().float().cpu().reshape(-1).tolist() if torch.is_tensor(v) else v)]
+            store["scores"].setdefault(name, []).extend(vals)
+            n = len(vals)
+        index = (batch or {}).get("index")
+        if index is not None and n is not None:
+            ids = index.detach().cpu().reshape(-1).tolist() if torch.is_tensor(index) else list(index)
+            store["index"].extend(int(i) for i in ids[:n])
+
+    def take_items(self, stage: str) -> dict[str, Any] | None:
+        """The per-item scores recorded since the last call (None when the task records none), then forgets them."""
+        store = self.__dict__.setdefault("_item_store", {}).pop(stage, None)
+        if not store or not store["scores"]:
+            return None
+        from prompttune.tasks.captioning import gather_lists  # all ranks' items under DDP
+
+        parts = (store["index"], *store["scores"].values())
+        index, *cols = parts if store["whole_split"] else gather_lists(*parts)
+        scores = dict(zip(store["scores"], cols))
+        n = len(cols[0])
+        return {"n": n, "index": index if len(index) == n else None, "scores": scores}

@@ -30,6 +30,7 @@ class ClassificationTask(Task):
 
     def update(self, outputs, batch, stage):
         self.acc[stage].update(outputs["logits"].float(), batch["label"])
+        self.record_items(stage, batch, acc=outputs["logits"].argmax(-1) == batch["label"])
 
     def compute(self, stage):
         return {"acc": float(self.acc[stage].compute())}

@@ -1,0 +1,132 @@
+"""Zoo entry ``clip-tiny``: a small open_clip CLIP, contrastively pretrained on synthetic-world captions.
+
+The architecture is also an open_clip model name (``prompttune-clip-tiny``), so a checkpoint
+saved in open_clip's format loads exactly as a real one does
+(``backbone.model: prompttune-clip-tiny, backbone.checkpoint: file``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prompttune import zoo
+
+TINY_CLIP = dict(
+    embed_dim=128,
+    vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0),
+    text_cfg=dict(context_length=24, vocab_size=49408, width=128, heads=4, layers=3),
+)
+TINY_NAME = "prompttune-clip-tiny"
+
+# Floors, 8x and 6x chance (1/16): what CoOp, DCAR and TVP need is image features that separate
+# the fine-grained classes and text that names them. Not yet measured on a full build (docs/zoo.md).
+CLIP_BARS = (
+    zoo.Bar("linear_probe_acc", min=0.5, why="ridge probe, 16 fine-grained classes, 24 images each"),
+    zoo.Bar("zero_shot_acc", min=0.4, why="'a photo of a {class}' over the 16 fine-grained classes"),
+)
+
+
+def register_tiny_config() -> None:
+    """Make the zoo architecture an open_clip model name (idempotent)."""
+    import json
+    import tempfile
+
+    import open_clip
+
+    if TINY_NAME in open_clip.list_models():
+        return
+    folder = Path(tempfile.mkdtemp(prefix="prompttune-openclip-cfg-"))
+    (folder / f"{TINY_NAME}.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder)
+
+
+def make_tiny_clip() -> nn.Module:
+    import open_clip
+
+    return open_clip.CLIP(**TINY_CLIP)
+
+
+def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 12, batch_size: int = 128,
+                  lr: float = 2e-3, seed: int = 0, p_subcategory: float = 0.8) -> dict[str, Any]:
+    """Contrastive (InfoNCE both ways) pretraining on synthetic-world image-caption pairs."""
+    import open_clip
+    from tqdm.auto import tqdm
+
+    from prompttune.backbones.clip import CLIPBackbone
+    from prompttune.config import cache_dir
+    from prompttune.data.base import ImageTransform, read_image
+    from prompttune.data.captions import read_caption_csv
+    from prompttune.data.image_folder import ensure_synthetic
+
+    root = cache_dir() / "data" / f"world-captions-{n}-s{seed}"
+    ensure_synthetic({"kind": "captions", "n": n, "side": 32, "seed": seed, "p_subcategory": p_subcategory}, root)
+    rows = read_caption_csv(root / "captions.csv")
+    tf = ImageTransform(32, CLIPBackbone.mean, CLIPBackbone.std)
+    images = torch.stack([tf(read_image(p)) for p, _ in rows])
+    tok = open_clip.SimpleTokenizer(context_length=model.context_length)
+    texts = tok([c for _, c in rows])
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    steps = epochs * math.ceil(len(rows) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    bar = tqdm(total=steps, desc=f"zoo {Path(folder).parent.name}: contrastive pretraining", unit="step")
+    loss_v = float("nan")
+    for _ in range(epochs):
+        perm = torch.randperm(len(rows), generator=g)
+        for i in range(0, len(rows), batch_size):
+            idx = perm[i:i + batch_size]
+            img_f = F.normalize(model.encode_image(images[idx]), dim=-1)
+            txt_f = F.normalize(model.encode_text(texts[idx]), dim=-1)
+            logits = model.logit_scale.exp() * img_f @ txt_f.T
+            # duplicate captions are frequent in a small world: treat identical texts as positives
+            same = (texts[idx][:, None, :] == texts[idx][None, :, :]).all(-1).float()
+            soft = same / same.sum(1, keepdim=True)
+            loss = 0.5 * (torch.sum(-soft * logits.log_softmax(1), 1).mean()
+                          + torch.sum(-soft * logits.T.log_softmax(1), 1).mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            loss_v = float(loss.detach())
+            bar.set_postfix(loss=f"{loss_v:.3f}")
+            bar.update()
+    bar.close()
+    model.eval()
+    return {"pairs": len(rows), "epochs": epochs, "final_loss": round(loss_v, 4), **clip_competence(model)}
+
+
+@torch.no_grad()
+def clip_competence(model: nn.Module) -> dict[str, float]:
+    """What the CLIP papers need: image features that separate the 16 fine-grained classes (a
+    linear probe) and text that names them (zero-shot accuracy with "a photo of a {class}")."""
+    import open_clip
+
+    from prompttune.backbones.clip import CLIPBackbone
+    from prompttune.data.world import fine_classes
+    from prompttune.zoo._probe import linear_probe, probe_images
+
+    model.eval()
+    out = linear_probe(model.encode_image, 32, CLIPBackbone.mean, CLIPBackbone.std)
+    data = probe_images(32, CLIPBackbone.mean, CLIPBackbone.std)
+    tok = open_clip.SimpleTokenizer(context_length=model.context_length)
+    txt = F.normalize(model.encode_text(tok([f"a photo of a {c}" for c in fine_classes()])), dim=-1)
+    img = F.normalize(model.encode_image(data["test_x"]), dim=-1)
+    out["zero_shot_acc"] = round(float(((img @ txt.T).argmax(1) == data["test_y"]).float().mean()), 4)
+    return out
+
+
+zoo.register(zoo.ZooEntry(
+    name="clip-tiny", backbone="clip",
+    description="open_clip CLIP (ViT 4x128, 32px, patch 8; text 3x128), contrastive on synthetic-world captions",
+    make_model=make_tiny_clip, pretrain=pretrain_clip, version="2",
+    bars=CLIP_BARS,
+))
