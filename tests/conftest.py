@@ -83,3 +83,27 @@ def retrieval_batch():
         return b
 
     return batch
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path):
+    """``tiny_sweep(name, grid, seeds, extra, cpu_threads)``: a smoke-sized sweep file (random-weight
+    backbones, 2 training batches, 1 test batch) whose runs go to ``tmp_path / "runs"``."""
+
+    def write(name="t", grid="{method: [zero_shot, linear_probe]}", seeds="[0, 1]", extra="", cpu_threads=None):
+        threads = f", cpu_threads: {cpu_threads}" if cpu_threads else ""
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(f"""sweep:
+  name: {name}
+  runs_dir: {tmp_path / 'runs'}
+  grid: {grid}
+  seeds: {seeds}
+  report: {{metric: test/acc}}
+backbone: {{weights: random}}
+data: {{batch_size: 8}}
+method: {{optim: {{epochs: 1}}}}
+trainer: {{limit_train_batches: 2, limit_test_batches: 1{threads}}}
+{extra}""")
+        return f
+
+    return write

@@ -9,38 +9,24 @@ from prompttune.report import collect, make_report, mean_std
 from prompttune.sweep import expand, load_sweep, plan, run_sweep
 
 
-def _sweep(tmp_path, grid="{method: [zero_shot, linear_probe]}", seeds="[0, 1]", extra=""):
-    f = tmp_path / "sw.yaml"
-    f.write_text(f"""sweep:
-  name: t
-  runs_dir: {tmp_path / 'runs'}
-  grid: {grid}
-  seeds: {seeds}
-  report: {{metric: test/acc}}
-backbone: {{weights: random}}
-data: {{batch_size: 8}}
-method: {{optim: {{epochs: 1}}}}
-trainer: {{limit_train_batches: 2, limit_test_batches: 1}}
-{extra}""")
-    return f
 
 
-def test_expand_union_of_grids_without_duplicates(tmp_path):
-    block, _ = load_sweep(_sweep(tmp_path, grid="[{method: [coop], data.shots: [1, 2]}, {method: [coop], data.shots: [2]}]",
+def test_expand_union_of_grids_without_duplicates(tmp_path, tiny_sweep):
+    block, _ = load_sweep(tiny_sweep("t", grid="[{method: [coop], data.shots: [1, 2]}, {method: [coop], data.shots: [2]}]",
                                  seeds="[0]"))
     pts = expand(block)
     assert pts == [{"method": "coop", "data.shots": 1, "seed": 0}, {"method": "coop", "data.shots": 2, "seed": 0}]
 
 
-def test_plan_validates_every_point_first(tmp_path):
-    f = _sweep(tmp_path, grid="{method: [zero_shot, coop], method.n_ctx: [2]}")
+def test_plan_validates_every_point_first(tmp_path, tiny_sweep):
+    f = tiny_sweep("t", grid="{method: [zero_shot, coop], method.n_ctx: [2]}")
     with pytest.raises(ConfigError, match=r"run method=zero_shot,n_ctx=2,s0: unknown key 'method.n_ctx'"):
         plan(f)
     assert not (tmp_path / "runs").exists()
 
 
-def test_sweep_runs_skips_completed_and_reports(tmp_path, capsys):
-    f = _sweep(tmp_path)
+def test_sweep_runs_skips_completed_and_reports(tmp_path, capsys, tiny_sweep):
+    f = tiny_sweep("t")
     assert run_sweep(f, dry_run=True) == 0
     assert "4 runs: 4 pending" in capsys.readouterr().out
     assert run_sweep(f) == 0

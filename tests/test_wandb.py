@@ -67,27 +67,13 @@ def decode_run(run_dir: Path) -> dict:
     return out
 
 
-def _sweep_file(tmp_path, grid="{method: [zero_shot, linear_probe]}", seeds="[0, 1]"):
-    f = tmp_path / "wb.yaml"
-    f.write_text(f"""sweep:
-  name: wb
-  runs_dir: {tmp_path / 'runs'}
-  grid: {grid}
-  seeds: {seeds}
-  report: {{metric: test/acc}}
-backbone: {{weights: random}}
-data: {{batch_size: 8}}
-method: {{optim: {{epochs: 1}}}}
-trainer: {{limit_train_batches: 2, limit_test_batches: 1, cpu_threads: 1}}
-""")
-    return f
 
 
-def test_four_run_sweep_makes_four_finished_wandb_runs(tmp_path, monkeypatch):
+def test_four_run_sweep_makes_four_finished_wandb_runs(tmp_path, monkeypatch, tiny_sweep):
     from prompttune.sweep import run_sweep
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert run_sweep(_sweep_file(tmp_path), wandb=True, report=False) == 0
+    assert run_sweep(tiny_sweep("wb", cpu_threads=1), wandb=True, report=False) == 0
     runs = {d.name: d for d in (tmp_path / "runs").iterdir() if d.is_dir()}
     assert set(runs) == {"method=zero_shot,s0", "method=zero_shot,s1", "method=linear_probe,s0",
                          "method=linear_probe,s1"}
