@@ -1003,33 +1003,121 @@ def curve_retrieval(gallery=(1000, 3000, 10000, 30000, 100000), queries: int = 1
 
 
 def curve_method_steps(method: str, key: str, xs, overrides: list[str], steps: int = 2,
-                       curve: str | None = None) -> list[dict[str, Any]]:
+                       curve: str | None = None, reuse_backbone: bool = False, forward: bool = True,
+                       probe=None) -> list[dict[str, Any]]:
     """One method's plain-loop training step (forward, task loss, backward, optimiser step: the
-    computation, without the framework) and its forward, against config value ``key`` = x."""
-    import torch
+    computation, without the framework) and its forward, against config value ``key`` = x.
 
-    from prompttune.runs import build, make_module
+    ``reuse_backbone``: build the frozen backbone once and give it to every point (for a ``key``
+    that does not change it, e.g. the batch size or k; building a real-size backbone with random
+    weights costs tens of CPU seconds); a point whose backbone config differs is an error.
+    ``forward=False`` skips the separate forward timing. ``probe(plain, batch)``: a context manager
+    around the warm-up and timed steps that yields a dict of extra fields for the row (filled by
+    the time the steps are done, e.g. by a spy on a backbone method)."""
+    from unittest import mock
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from prompttune import runs
 
     rows = []
+    shared, shared_cfg = None, None
     for x in xs:
         cfg = compose_for(method, [*overrides, f"{key}={x}"])
-        backbone, dm, m, task = build(cfg)
-        module = make_module(cfg, backbone, m, task)
+        if reuse_backbone and shared is not None:
+            if OmegaConf.to_container(cfg.backbone, resolve=True) != shared_cfg:
+                raise BenchError(f"curve {curve or method}: {key}={x} changes the backbone config, so the "
+                                 "backbone cannot be reused across points (reuse_backbone=False)")
+            with mock.patch.object(runs, "build_backbone", lambda _cfg: shared):  # runs.build, same backbone
+                backbone, dm, m, task = runs.build(cfg)
+        else:
+            backbone, dm, m, task = runs.build(cfg)
+            if reuse_backbone:
+                shared, shared_cfg = backbone, OmegaConf.to_container(cfg.backbone, resolve=True)
+        module = runs.make_module(cfg, backbone, m, task)
         dm.setup("fit")
         batch = take_batches(dm.train_dataloader(), 1)[0]
         plain = PlainLoop(backbone, m, task, cfg.method.optim, steps + 2, torch.device("cpu"),
                           cache=module.cache_features)
-        plain.step(batch)
-        with RSSSampler() as mem:
-            t = _cpu_time_per_call(lambda: plain.step(batch), steps, warmup=0)
-        f = _cpu_time_per_call(lambda: plain.forward_only(batch), 1, warmup=0)
-        rows.append({"curve": curve or f"{method}_{key}", "x": x, "step_ms": round(1e3 * t, 1),
-                     "fwd_ms": round(1e3 * f, 1), "train_mem_mb": round(mem.peak - mem.base, 1),
-                     "trainable_params": module.trainable_params, "batch_size": batch_size_of(batch),
-                     "backbone": cfg.choices.backbone})
-        log.info("%s %s=%s: step %.0f ms, fwd %.0f ms", method, key, x, 1e3 * t, 1e3 * f)
+        with (probe(plain, batch) if probe is not None else nullcontext({})) as extra:
+            plain.step(batch)
+            with RSSSampler() as mem:
+                t = _cpu_time_per_call(lambda: plain.step(batch), steps, warmup=0)
+        row = {"curve": curve or f"{method}_{key}", "x": x, "step_ms": round(1e3 * t, 1)}
+        if forward:
+            row["fwd_ms"] = round(1e3 * _cpu_time_per_call(lambda: plain.forward_only(batch), 1, warmup=0), 1)
+        row.update({"train_mem_mb": round(mem.peak - mem.base, 1), "trainable_params": module.trainable_params,
+                    "batch_size": batch_size_of(batch), "backbone": cfg.choices.backbone,
+                    "backbone_name": getattr(backbone, "name", None), "timed_steps": steps})
+        row.update(extra)
+        rows.append(row)
+        log.info("%s %s=%s: step %.0f ms, fwd %s ms", method, key, x, 1e3 * t, row.get("fwd_ms"))
         del plain, module, backbone, m, task, dm
     return rows
+
+
+MAE_VQGAN_LARGE = ["backbone=mae_vqgan_large", "backbone.mae_checkpoint=null", "backbone.vqgan_checkpoint=null"]
+
+
+def curve_icl_canvas_batch(method: str = "e_inmemo", batches=(1, 2, 4), steps: int = 1,
+                           overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """A visual-ICL prompt's plain-loop step through the frozen MAE-VQGAN against the batch size
+    (canvases per step). Default: the real-size backbone (MAE ViT-L/16, decoder 8x512, VQGAN f16
+    with 1024 codes, 224-px canvases; random weights). Each canvas costs the same (enhancers,
+    canvas, VQGAN tokens of the label canvas, MAE forward, backward to the pixels), so the step
+    should be linear in the batch."""
+    ov = MAE_VQGAN_LARGE if overrides is None else list(overrides)
+
+    @contextmanager
+    def probe(plain, batch):
+        geom = plain.backbone.geometry
+        yield {"canvas_px": int(plain.backbone.image_size), "cell_px": int(batch["query_image"].shape[-1]),
+               "patch": int(geom.patch), "tokens": int((geom.size // geom.patch) ** 2)}
+
+    return curve_method_steps(method, "data.batch_size", batches, ov, steps=steps, curve=f"{method}_batch",
+                              reuse_backbone=True, probe=probe)
+
+
+def curve_blip2_k(ks=(0, 2, 4), batch: int = 1, steps: int = 1, overrides: list[str] | None = None,
+                  method: str = "mhub") -> list[dict[str, Any]]:
+    """M-Hub's plain-loop step on BLIP-2 against the number of demonstrations k. Default: BLIP-2's
+    ViT-g/14 (224 px) and Q-Former with an OPT-125m-sized LM (12 layers, 768 wide), random weights,
+    from a ``save_pretrained``-style folder written to a temporary directory (the GPU check's, with
+    the world tokenizer: nothing downloaded). Each demonstration adds one image through the frozen
+    ViT and one Q-Former pass (forward and backward), and its text to the LM's sequence: linear in
+    k + 1, plus the LM's attention, quadratic in its (short) sequence. Rows carry the LM sequence
+    length the step fed (``lm_seq_len``) and the images it encoded."""
+    with tempfile.TemporaryDirectory(prefix="prompttune-blip2-opt125m-") as tmp:
+        if overrides is None:
+            from prompttune.gpu_check import write_blip2_opt125m
+
+            write_blip2_opt125m(Path(tmp))
+            ov = ["backbone=zoo_blip2", "backbone.zoo_entry=null", f"backbone.model={tmp}"]
+        else:
+            ov = list(overrides)
+
+        @contextmanager
+        def probe(plain, b):
+            bb, vc = plain.backbone, plain.backbone.model.config.vision_config
+            lm = bb.language_model.config
+            fields = {"images_per_step": batch_size_of(b) * (1 + plain.method.k),
+                      "vision": f"ViT {vc.num_hidden_layers}x{vc.hidden_size}, {vc.image_size} px",
+                      "lm": f"{lm.model_type} {lm.num_hidden_layers}x{lm.hidden_size}"}
+            lm_loss = bb.lm_loss
+
+            def spy(prefix, mask, *a, **kw):  # what the LM is fed: prefix + target tokens
+                fields["lm_prefix_len"] = int(prefix.shape[1])
+                return lm_loss(prefix, mask, *a, **kw)
+
+            bb.lm_loss = spy  # an instance attribute over the method, removed after the steps
+            try:
+                yield fields
+            finally:
+                del bb.lm_loss
+
+        return curve_method_steps(method, "method.k", ks, [*ov, f"data.batch_size={batch}"], steps=steps,
+                                  curve=f"{method}_blip2_k", reuse_backbone=True, forward=False, probe=probe)
 
 
 def measure_fused_epochs(method: str, epochs: int = 30, batch_size: int = 8) -> dict[str, Any]:
@@ -1096,6 +1184,8 @@ CURVES = {
                                                    ["backbone=vit_b16_in21k", "data.batch_size=4"], curve="vpt_deep_P"),
     "mhub_k": lambda: curve_method_steps("mhub", "method.k", (0, 1, 2, 3, 4), ["data.batch_size=8"], steps=10,
                                          curve="mhub_k"),
+    "mae_vqgan_batch": lambda: curve_icl_canvas_batch("e_inmemo", (1, 2, 4)),
+    "blip2_opt125m_k": lambda: curve_blip2_k((0, 2, 4)),
 }
 
 
@@ -1123,7 +1213,9 @@ def run_curves(names: list[str], out_dir: str) -> int:
 
 _XLABELS = {"coop_classes": "classes (text encoder runs over each class's 77-token prompt)",
             "retrieval_gallery": "gallery size G (1k queries) / items N (full i2t + t2i)",
-            "vpt_shallow_P": "prompt length P", "vpt_deep_P": "prompt length P", "mhub_k": "demonstrations k"}
+            "vpt_shallow_P": "prompt length P", "vpt_deep_P": "prompt length P", "mhub_k": "demonstrations k",
+            "e_inmemo_batch": "canvases per step (batch; 224-px canvas, MAE ViT-L/16 + VQGAN f16)",
+            "mhub_blip2_k": "demonstrations k (batch 1; k + 1 images through ViT-g/14)"}
 
 
 def plot_curve(rows: list[dict[str, Any]], path: Path) -> None:
@@ -1148,11 +1240,19 @@ def plot_curve(rows: list[dict[str, Any]], path: Path) -> None:
             if loglog:
                 slope = float(np.polyfit(np.log(x), np.log(y), 1)[0])
                 ax.plot(x, y, "o-", label=f"{name} {field} (log-log slope {slope:.2f})")
-            else:
-                ax.plot(x, y, "o-", label=f"{name} {field}")
+            else:  # axes from x = 0: the linear fit's increment per unit of x
+                inc = float(np.polyfit(x, y, 1)[0])
+                ax.plot(x, y, "o-", label=f"{name} {field} (linear fit {inc:+.4g} per unit)")
     if loglog:
         ax.set_xscale("log")
         ax.set_yscale("log")
+    xs = sorted({r["x"] for r in rows})
+    if len(xs) <= 6:  # few points: tick exactly the measured x values, as plain numbers
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        ax.set_xticks(xs)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(_XLABELS.get(rows[0]["curve"], "x"))
     ax.set_ylabel("CPU ms per step / evaluation; MB added by training")
     ax.grid(True, which="both", alpha=0.3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def _cmd_zoo(args) -> int:
 def _cmd_demo(args) -> int:
     from prompttune.demo import run_demo
 
-    return run_demo(sections=args.sections, runs_dir=args.runs_dir, seeds=args.seeds)
+    return run_demo(sections=args.sections, runs_dir=args.runs_dir, seeds=args.seeds, jobs=args.jobs)
 
 
 def _cmd_bench(args) -> int:
@@ -258,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sections", nargs="*", default=None, help="demo sections to run (default: all)")
     d.add_argument("--runs-dir", default="runs/demo")
     d.add_argument("--seeds", type=int, default=None, help="number of seeds (default: each section's own)")
+    d.add_argument("--jobs", type=int, default=None,
+                   help="zoo builds and sections run at once, one thread each (default: the usable CPU cores)")
+
+    from prompttune.bench import CURVES  # light: the curves import torch only when run
 
     b = sub.add_parser("bench", help="framework overhead and throughput of a method's training step")
     b.add_argument("method", nargs="?")
@@ -265,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="write the rows to this JSON file")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--sweep", nargs="*", default=None, metavar="CURVE",
-                   help="scaling curves instead: coop_classes retrieval vpt_prompts vpt_deep_prompts mhub_k fused_epochs")
+                   help="scaling curves instead (docs/bench.md): " + " ".join(CURVES))
     b.add_argument("--out", default="runs/bench_curves", help="--sweep: folder for each curve's JSON and PNG")
 
     tr = sub.add_parser("transfer", help="TVP: a source x target transfer matrix of visual prompts")
@@ -289,6 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not sys.stderr.isatty():  # a log file, not a terminal: a progress bar's line every 30 s, not every step
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from prompttune.runs import quiet_lightning
 

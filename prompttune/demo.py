@@ -60,8 +60,11 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("icl", "InMeMo (WACV 2024)", {"method": "inmemo"}, {"method": "no_prompt"}, "test/miou"),
     Claim("mmict", "MMICT (arXiv 2312.06363)", {"method": "mhub"}, {"method": "vanilla_ict"}, "test/cider"),
     Claim("mmict", "MMICT (arXiv 2312.06363)", {"method": "mhub"}, {"method": "ft_qformer"}, "test/cider"),
-    Claim("tvp", "TVP (Zhang et al., CVPR 2024)", {"method": "tvp"}, {"method": "vp"}, "test/acc",
-          note="on the source model; transfer to other models: `prompttune transfer experiments/tvp_transfer.yaml`"),
+    Claim("tvp", "TVP (Zhang et al., CVPR 2024), transfer", {"method": "tvp"}, {"method": "vp"}, "test/transfer_acc",
+          note="prompt trained on clip-tiny (TSE on clip-tiny-s2), scored unchanged on clip-tiny-p8; at the official "
+               "weights FCA and TSE carry < 1 % of the step (docs/tvp.md, `python -m prompttune.transfer probe`)"),
+    Claim("tvp", "TVP (Zhang et al., CVPR 2024), source", {"method": "tvp"}, {"method": "vp"}, "test/acc",
+          note="on the source model itself"),
 )
 
 # metrics in [0, 1] are shown in percent, as the papers do
@@ -189,45 +192,249 @@ def section_verdicts(section: str, section_dir: Path) -> tuple[str, list[dict[st
     return "\n".join(parts), results
 
 
-def run_demo(sections: list[str] | None = None, runs_dir: str = "runs/demo", seeds: int | None = None) -> int:
-    from prompttune.sweep import plan, run_sweep
+# ------------------------------------------------------------------ running: zoo builds and sections in parallel
+# Rough single-thread costs on a quiet 2-core machine (seconds), used only to start the longest
+# tasks first; unknown tasks count as 60 s.
+COST_HINT = {"zoo:clip-tiny": 300, "zoo:blip2-tiny": 200, "zoo:mae-vqgan-tiny": 170, "zoo:vit-mae-tiny": 60,
+             "zoo:clip-tiny-s2": 120, "zoo:clip-tiny-p8": 90, "zoo:clip-tiny-s1": 120,
+             "clip": 200, "icl": 60, "vpt": 60, "tvp": 60, "retrieval": 30, "mmict": 20}
+_PROGRESS = ("[", "zoo:", "warning", "error", "Traceback", "prompttune")
+
+
+def zoo_needs(runs: list[dict[str, Any]]) -> list[str]:
+    """The zoo entries the runs of a sweep load pretrained: every ``zoo_entry`` in their resolved
+    configs, and every value naming a zoo entry or a backbone config that has one (e.g. TVP's
+    ``tse_backbone``). Entries only loaded with ``weights: random`` are not needed."""
+    from prompttune import zoo
+    from prompttune.config import load_yaml, to_container
+
+    known = set(zoo.names())
+    found: list[str] = []
+
+    def backbone_entry(name: str) -> str | None:
+        path = repo_root() / "configs" / "backbone" / f"{name}.yaml"
+        if not path.is_file():
+            return None
+        try:
+            return (load_yaml(path) or {}).get("zoo_entry")
+        except (ConfigError, OSError):  # not ours to report here: the sweep's own check does
+            return None
+
+    def walk(obj: Any, random_weights: bool = False) -> None:
+        if isinstance(obj, dict):
+            rnd = str(obj.get("weights", "")) == "random"
+            for k, v in obj.items():
+                if k == "zoo_entry" and isinstance(v, str) and not rnd:
+                    found.append(v)
+                elif k != "uses":  # a method's default groups, overridden where the run sets them
+                    walk(v, rnd)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, random_weights)
+        elif isinstance(obj, str) and not random_weights:
+            if obj in known:
+                found.append(obj)
+            elif obj.startswith("zoo_") and (e := backbone_entry(obj)):
+                found.append(e)
+
+    for r in runs:
+        walk(to_container(r["cfg"]))
+    return [n for n in dict.fromkeys(found) if n in known]
+
+
+@dataclass
+class _Task:
+    key: str                    # "zoo:<entry>" or the section name
+    cmd: list[str]
+    log: Path
+    needs: tuple[str, ...] = ()
+    proc: Any = None
+    t0: float = 0.0
+    seconds: float = 0.0
+    rc: int | None = None
+    pos: int = 0                # how far its log has been echoed
+
+
+class _Scheduler:
+    """Runs tasks as child processes, at most ``jobs`` at once, one intra-op thread each, a task
+    starting once every task it needs has succeeded (longest first, by :data:`COST_HINT`). Each
+    child's output goes to its log; progress lines are echoed prefixed with the task. SIGTERM and
+    SIGINT are passed on to the children (which stop after their current batch and keep their
+    checkpoints) and the demo exits with 143 / 130."""
+
+    def __init__(self, tasks: list[_Task], jobs: int):
+        self.tasks, self.jobs = tasks, max(1, jobs)
+        self.stop_signal: int | None = None
+
+    def _env(self) -> dict[str, str]:
+        import os
+
+        env = dict(os.environ)
+        # one thread per child: 2 children on 2 cores, and numbers that do not depend on the core count
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_MININTERVAL="30")
+        return env
+
+    def _echo(self, t: _Task) -> None:
+        try:
+            with open(t.log, "rb") as fh:
+                fh.seek(t.pos)
+                data = fh.read()
+        except OSError:
+            return
+        cut = data.rfind(b"\n") + 1
+        t.pos += cut
+        for line in data[:cut].decode("utf-8", "replace").replace("\r", "\n").splitlines():
+            line = line.strip()
+            if line.startswith(_PROGRESS) or "%|" in line:  # run lines, zoo messages, a bar every 30 s
+                print(f"  [{t.key}] {line[:200]}", flush=True)
+
+    def run(self) -> int:
+        import signal
+        import subprocess
+
+        def on_signal(signum, frame):
+            self.stop_signal = signum
+            for t in self.tasks:
+                if t.proc is not None and t.rc is None:
+                    t.proc.send_signal(signum)
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            pending, running = list(self.tasks), []
+            pending.sort(key=lambda t: (not t.key.startswith("zoo:"), -COST_HINT.get(t.key, 60)))
+            done: dict[str, int] = {}
+            while pending or running:
+                for t in list(running):
+                    self._echo(t)
+                    if t.proc.poll() is not None:
+                        t.rc, t.seconds = t.proc.returncode, time.perf_counter() - t.t0
+                        self._echo(t)
+                        running.remove(t)
+                        done[t.key] = t.rc
+                        state = "done" if t.rc == 0 else f"FAILED (exit code {t.rc}; log: {t.log})"
+                        print(f"== {t.key}: {state} in {t.seconds:.0f} s", flush=True)
+                if self.stop_signal is not None:
+                    if not running:
+                        return 128 + self.stop_signal
+                    time.sleep(0.2)
+                    continue
+                for t in list(pending):
+                    if len(running) >= self.jobs:
+                        break
+                    failed = [n for n in t.needs if done.get(n, 0) != 0 and n in done]
+                    if failed:  # what it needs could not be built: report it and go on with the rest
+                        pending.remove(t)
+                        t.rc, done[t.key] = 1, 1
+                        print(f"== {t.key}: not run, it needs {', '.join(failed)}", flush=True)
+                        continue
+                    if any(n not in done for n in t.needs):
+                        continue
+                    pending.remove(t)
+                    t.log.parent.mkdir(parents=True, exist_ok=True)
+                    fh = open(t.log, "ab")
+                    t.pos = t.log.stat().st_size
+                    t.t0 = time.perf_counter()
+                    t.proc = subprocess.Popen(t.cmd, stdout=fh, stderr=subprocess.STDOUT, env=self._env(),
+                                              stdin=subprocess.DEVNULL)
+                    fh.close()
+                    running.append(t)
+                    print(f"== {t.key}: started (log: {t.log})", flush=True)
+                time.sleep(0.5)
+            return 0
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def default_jobs() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def run_demo(sections: list[str] | None = None, runs_dir: str = "runs/demo", seeds: int | None = None,
+             jobs: int | None = None) -> int:
+    """Every chosen section (default: all), its zoo entries built first, up to ``jobs`` child
+    processes at once (default: the usable cores), then the combined report and verdicts."""
+    import sys
+
+    from prompttune import zoo
+    from prompttune.sweep import plan
 
     available = globals()["sections"]()
     chosen = sections or list(available)
     unknown = [s for s in chosen if s not in available]
     if unknown:
         raise ConfigError(f"unknown demo section(s) {unknown}; valid: {', '.join(available)}")
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    jobs = jobs or default_jobs()
+    root = Path(runs_dir)
+    needs = {}
     for s in chosen:  # validate every section before any compute
-        plan(available[s], runs_dir=Path(runs_dir) / s, seeds=seeds)
-    parts, status, timings, verdicts = [], 0, {}, []
+        _, runs = plan(available[s], runs_dir=root / s, seeds=seeds)
+        needs[s] = zoo_needs(runs)
+    entries = list(dict.fromkeys(n for s in chosen for n in needs[s]))
+    todo = [n for n in entries if not (zoo.get(n).built() and zoo.get(n).problem() is None)]
+    py = [sys.executable, "-m", "prompttune"]
+    tasks = [_Task(f"zoo:{n}", [*py, "zoo", "build", n], root / "logs" / f"zoo-{n}.log") for n in todo]
+    for s in chosen:
+        cmd = [sys.executable, "-m", "prompttune.demo", "--section", s, "--runs-dir", str(root / s)]
+        if seeds is not None:
+            cmd += ["--seeds", str(seeds)]
+        tasks.append(_Task(s, cmd, root / "logs" / f"{s}.log", tuple(f"zoo:{n}" for n in needs[s] if n in todo)))
+    print(f"demo: {len(chosen)} section(s) ({', '.join(chosen)}); zoo entries to build: "
+          f"{', '.join(todo) or 'none'}; {jobs} at a time, one thread each; logs in {root / 'logs'}", flush=True)
     t_all = time.perf_counter()
-    for i, s in enumerate(chosen):
-        t0 = time.perf_counter()
-        print(f"\n== demo section {i + 1}/{len(chosen)}: {s} ({available[s].name}); "
-              f"{time.perf_counter() - t_all:.0f} s so far", flush=True)
-        status |= run_sweep(available[s], runs_dir=Path(runs_dir) / s, seeds=seeds, report=False)
-        from prompttune.report import make_report
+    sched = _Scheduler(tasks, jobs)
+    stopped = sched.run()
+    if stopped:
+        print(f"demo interrupted; run the same command again to resume (finished runs and zoo builds are kept)",
+              file=sys.stderr, flush=True)
+        return stopped
+    wall = time.perf_counter() - t_all
+    status = max((t.rc or 0) for t in tasks)
+    timings = {t.key: t.seconds for t in tasks}
+    from prompttune.report import make_report
 
-        out = make_report(Path(runs_dir) / s, allow_empty=True)
-        timings[s] = time.perf_counter() - t0
+    parts, verdicts = [], []
+    for s in chosen:
+        out = make_report(root / s, allow_empty=True)
         body = out["markdown"].split("\n", 2)[2] if out["markdown"].startswith("# ") else out["markdown"]
-        ver_md, results = section_verdicts(s, Path(runs_dir) / s)
+        ver_md, results = section_verdicts(s, root / s)
         verdicts += results
         parts.append(f"## {s}  ({timings[s]:.0f} s)\n\n{body}\n{ver_md}")
         if out["plot"]:
             parts.append(f"![{s}]({s}/report.png)\n")
         print(f"\n== {s} ({timings[s]:.0f} s)\n{body}\n{ver_md}", flush=True)
-    total = sum(timings.values())
+    builds = {k.removeprefix("zoo:"): round(v, 1) for k, v in timings.items() if k.startswith("zoo:")}
     summary = "## Verdicts\n\n" + verdict_markdown(verdicts) if verdicts else ""
-    atomic_write_text(Path(runs_dir) / "README.md",
-                      f"# prompttune demo ({total:.0f} s)\n\n{summary}\n" + "\n".join(parts))
-    atomic_write_json(Path(runs_dir) / "verdicts.json",
-                      {"total_s": round(total, 1), "sections_s": {k: round(v, 1) for k, v in timings.items()},
+    head = (f"# prompttune demo ({wall:.0f} s wall, {jobs} job(s); zoo builds: "
+            + (", ".join(f"{k} {v:.0f} s" for k, v in builds.items()) or "none, all cached") + ")\n\n")
+    atomic_write_text(root / "README.md", head + f"{summary}\n" + "\n".join(parts))
+    atomic_write_json(root / "verdicts.json",
+                      {"total_s": round(wall, 1), "jobs": jobs, "zoo_builds_s": builds,
+                       "sections_s": {s: round(timings[s], 1) for s in chosen},
                        "claims": [{k: v for k, v in r.items()} for r in verdicts]})
     if verdicts:
         print("\n" + summary, flush=True)
-    print(f"\ndemo finished in {total:.0f} s; report: {Path(runs_dir) / 'README.md'}")
+    print(f"\ndemo finished in {wall:.0f} s ({jobs} job(s)); report: {root / 'README.md'}")
     return status
+
+
+def run_section(section: str, runs_dir: str, seeds: int | None = None) -> int:
+    """One section's sweep, in this process (the demo runs each section as a child process)."""
+    from prompttune.sweep import SweepInterrupted, run_sweep
+
+    available = globals()["sections"]()
+    try:
+        return run_sweep(available[section], runs_dir=Path(runs_dir), seeds=seeds, report=False)
+    except SweepInterrupted as stop:
+        print(f"prompttune demo [{section}]: {stop}; interrupted", flush=True)
+        return stop.exit_code
 
 
 def claims_as_dicts() -> list[dict[str, Any]]:
@@ -239,10 +446,21 @@ def verdicts_of(runs_dir: str | Path) -> list[dict[str, Any]]:
     return [check_claim(c, Path(runs_dir) / c.section) for c in CLAIMS]
 
 
-def _main() -> None:  # python -m prompttune.demo RUNS_DIR: the verdict table of finished runs
+def _main() -> None:
+    """``python -m prompttune.demo RUNS_DIR``: the verdict table of finished runs;
+    ``python -m prompttune.demo --section NAME --runs-dir DIR [--seeds N]``: one section (a demo child)."""
+    import argparse
     import sys
 
-    res = verdicts_of(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
+    p = argparse.ArgumentParser(prog="python -m prompttune.demo")
+    p.add_argument("runs_dir", nargs="?", default="runs/demo")
+    p.add_argument("--section", default=None)
+    p.add_argument("--runs-dir", dest="section_dir", default=None)
+    p.add_argument("--seeds", type=int, default=None)
+    args = p.parse_args()
+    if args.section:
+        sys.exit(run_section(args.section, args.section_dir or str(Path(args.runs_dir) / args.section), args.seeds))
+    res = verdicts_of(args.runs_dir)
     print(verdict_markdown(res))
     print(json.dumps([{k: r[k] for k in ("claim", "verdict")} for r in res], indent=1))
 

@@ -32,6 +32,8 @@ progress_log = logging.getLogger("prompttune.progress")
 
 def epoch_completed(trainer) -> bool:
     """Whether the training epoch now ending ran all its batches (not stopped by an interrupt)."""
+    if getattr(trainer.lightning_module, "fused_epoch_incomplete", False):  # a fused epoch cut short
+        return False
     progress = trainer.fit_loop.epoch_loop.batch_progress
     return bool(progress.is_last_batch) or progress.current.ready >= trainer.num_training_batches
 

@@ -412,14 +412,96 @@ def plot_heatmaps(rows: list[dict], spec: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------- mechanism probe
+def gradient_shares(method: Any, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """How much of TVP's update comes from FCA and TSE: the frame-masked gradient norm of each
+    weighted term (``task``, ``fca * FCA``, ``-tse * TSE``) at the current prompt, and the cosine
+    between the full update direction and the task-only one (1.0: TVP steps exactly as VP would)."""
+    src, mask = method.scorer(), method.mask
+    clean = method.clean(pixels)
+    delta = method.perturbation
+
+    def grad(term: torch.Tensor) -> torch.Tensor:
+        (g,) = torch.autograd.grad(term, delta)
+        return (g * mask).flatten()
+
+    prompted = clean + delta
+    terms = {"task": src.task_loss(prompted, labels, method.classnames)}
+    if method.fca > 0:
+        with torch.no_grad():
+            e_clean = src.embed(clean)
+        terms["fca"] = method.fca * (src.embed(clean + delta) - e_clean).norm(dim=-1).mean()
+    if method.tse > 0:
+        texts = [method.tse_template.format(method.classnames[int(c)]) for c in labels]
+        terms["tse"] = -method.tse * method.scorer("tse").text_similarity(clean + delta, texts).mean()
+    grads = {k: grad(v) for k, v in terms.items()}
+    total = sum(grads.values())
+    out = {f"grad_norm/{k}": float(g.norm()) for k, g in grads.items()}
+    out["cos(update, task-only update)"] = float(torch.nn.functional.cosine_similarity(total, grads["task"], dim=0))
+    return out
+
+
+def probe(backbone: str, data: str, tse_backbone: str = "zoo_clip_s2", seeds: tuple[int, ...] = (0, 1, 2),
+          epochs: int = 5, lr: float = 1.0, fca: float = 0.005, tse: float = 0.001) -> list[dict[str, Any]]:
+    """Train VP and TVP (same seed, same batches) on ``backbone``; per seed, report TVP's gradient
+    shares at the start and the end, and the cosine between the two trained prompts."""
+    import lightning as L
+
+    from prompttune import runs
+    from prompttune.backbones.scorers import build_backbone
+
+    runs.quiet_lightning()
+    src = build_backbone(backbone, "pretrained")
+    rows = []
+    for seed in seeds:
+        prompts, shares = {}, {}
+        for m in ("vp", "tvp"):
+            over = {"optim": {"epochs": epochs, "lr": lr}}
+            if m == "tvp":
+                over.update(fca=fca, tse=tse, tse_backbone=tse_backbone)
+            cfg = compose({"defaults": {"method": m, "backbone": backbone, "data": data, "task": "classification"},
+                           "method": over, "seed": int(seed)})
+            L.seed_everything(int(seed), workers=True, verbose=False)
+            dm = runs.build_datamodule(cfg, src)
+            method = runs.build_method(cfg)
+            method.setup(src, dm)
+            x, y = _train_pixels(dm)
+            g = torch.Generator().manual_seed(int(seed))
+            if m == "tvp":
+                shares["start"] = gradient_shares(method, x[:64], y[:64])
+            for epoch in range(epochs):
+                step_lr = method.cosine_lr(lr, epoch, epochs)
+                perm = torch.randperm(len(x), generator=g)
+                for i in range(0, len(perm), int(cfg.data.batch_size)):
+                    idx = perm[i:i + int(cfg.data.batch_size)]
+                    method.prompt_step(x[idx], y[idx], step_lr)
+            if m == "tvp":
+                shares["end"] = gradient_shares(method, x[:64], y[:64])
+            prompts[m] = method.perturbation.detach().flatten()
+        cos = float(torch.nn.functional.cosine_similarity(prompts["vp"], prompts["tvp"], dim=0))
+        rows.append({"seed": int(seed), "cos(vp prompt, tvp prompt)": round(cos, 4),
+                     **{f"{when} {k}": round(v, 4) for when, d in shares.items() for k, v in d.items()}})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m prompttune.transfer", description=__doc__.splitlines()[0])
-    p.add_argument("spec")
+    p.add_argument("spec", help="a transfer spec, or 'probe' for TVP's gradient-share probe (docs/tvp.md)")
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--backbone", default="zoo_clip", help="probe: the source backbone config")
+    p.add_argument("--data", default="synth_fine", help="probe: the data config")
+    p.add_argument("--tse-backbone", default="zoo_clip_s2", help="probe: the TSE CLIP's backbone config")
+    p.add_argument("--fca", type=float, default=0.005, help="probe: FCA weight (official 0.005)")
+    p.add_argument("--tse", type=float, default=0.001, help="probe: TSE weight (official 0.001)")
+    p.add_argument("--epochs", type=int, default=5, help="probe: prompt training epochs")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.spec == "probe":
+        for row in probe(a.backbone, a.data, a.tse_backbone, epochs=a.epochs, fca=a.fca, tse=a.tse):
+            print(json.dumps(row))
+        return 0
     res = run_transfer(a.spec, a.out_dir)
     print((Path(res["out_dir"]) / "transfer_matrix.md").read_text())
     return 0

@@ -11,11 +11,13 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 from prompttune import bench
+from prompttune import runs as bench_runs
 from prompttune.config import ConfigError
 from prompttune.runs import build, make_module
 
@@ -184,3 +186,30 @@ def test_sweep_cli_rejects_unknown_curves(capsys):
     err = capsys.readouterr().err
     assert "no_such_curve" in err and "coop_classes" in err
     assert main(["bench"]) == 2  # neither a method nor --sweep
+
+
+def test_canvas_and_blip2_curves_at_toy_size():
+    """The MAE-VQGAN batch curve and the BLIP-2 k curve, on the tiny zoo architectures (random
+    weights): one row per point, the batch the step saw, the backbone built once and reused, and
+    the LM sequence growing with each demonstration."""
+    built = []
+    real_build_backbone = bench_runs.build_backbone
+
+    def counting(cfg):
+        built.append(cfg.backbone.name)
+        return real_build_backbone(cfg)
+
+    with mock.patch.object(bench_runs, "build_backbone", counting):
+        canvas = bench.curve_icl_canvas_batch("e_inmemo", (1, 2), overrides=["backbone=zoo_mae_vqgan"])
+        blip = bench.curve_blip2_k((0, 2), batch=2, overrides=["backbone=zoo_blip2"])
+    assert built == ["mae_vqgan", "blip2"]  # one backbone per curve, not per point
+    assert [(r["x"], r["batch_size"]) for r in canvas] == [(1, 1), (2, 2)]
+    assert canvas[0]["canvas_px"] == 64 and canvas[0]["tokens"] == 64  # tiny: 64 px, patch 8
+    assert all(r["step_ms"] > 0 and r["fwd_ms"] > 0 and r["trainable_params"] > 0 for r in canvas)
+    assert [r["x"] for r in blip] == [0, 2] and [r["images_per_step"] for r in blip] == [2, 6]
+    assert all("fwd_ms" not in r and r["step_ms"] > 0 for r in blip)
+    # two demonstrations add their hub text features and an end-of-chunk token each to the LM prefix
+    assert blip[1]["lm_prefix_len"] >= blip[0]["lm_prefix_len"] + 4
+    with pytest.raises(bench.BenchError, match="changes the backbone config"):
+        bench.curve_method_steps("e_inmemo", "backbone.canvas_pad", (1, 2), ["backbone=zoo_mae_vqgan"],
+                                 steps=1, reuse_backbone=True, forward=False)

@@ -313,3 +313,67 @@ def test_demonstration_images_are_not_augmented_at_evaluation(coco):
 
     plain = dm.datasets["test"].transform(read_image(dm.rows["train"][0]["paths"][0]))
     assert torch.equal(ds.image(0, augment=False), plain)
+
+
+# ---------------------------------------------------------------------------- MMICT studio world
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_default_caption_world_is_unchanged_by_the_studio_option(tmp_path):
+    """collections: none (the default) writes byte for byte what the writer wrote before the option
+    existed (hashes from the previous commit's writer), and the default render is unchanged."""
+    import numpy as np
+
+    from prompttune.data.world import render, sample_object
+
+    write_coco_captions(tmp_path, n_train=6, n_val=2, n_test=3, seed=0)
+    assert _sha((tmp_path / "dataset_coco.json").read_bytes()) == \
+        "f918e1fd8fb6587f1afb472e0bce9ec2290a7480ac56fedd0bb3b9c79b1c0e2f"
+    pngs = b"".join(p.read_bytes() for p in sorted(tmp_path.rglob("*.png")))
+    assert _sha(pngs) == "78653f0fc66f4320ffecdbf84c486b356fd6130323baa8ee88a9991526a89a7b"
+    rng = np.random.default_rng(0)
+    img, _ = render([sample_object(rng)], 32, rng, "plain")
+    assert _sha(img.tobytes()) == "9c219893c023904d368f2cb9fc45f7d4250c523998442d9330611e98268fc811"
+
+
+def test_studio_world_codes_open_every_reference_and_tint_the_background(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from prompttune.data.coco_captions import COLLECTION_CODES, collection_code_table
+    from prompttune.data.world import STUDIO_TINTS
+
+    plain, studio, nocode = tmp_path / "plain", tmp_path / "studio", tmp_path / "nocode"
+    write_coco_captions(plain, n_train=10, n_val=0, n_test=6, seed=3)
+    write_coco_captions(studio, n_train=10, n_val=0, n_test=6, seed=3, collections="studio")
+    write_coco_captions(nocode, n_train=10, n_val=0, n_test=6, seed=3, collections="studio", codes=False)
+    table = collection_code_table(3)
+    assert len(table) == len(STUDIO_TINTS) == 18 and set(table.values()) <= set(COLLECTION_CODES)
+    assert len(set(table.values())) > 1  # an arbitrary assignment, not one code for all
+    ims = {k: json.loads((r / "dataset_coco.json").read_text())["images"] for k, r in
+           (("plain", plain), ("studio", studio), ("nocode", nocode))}
+    seen = set()
+    for a, b, c in zip(ims["plain"], ims["studio"], ims["nocode"]):
+        assert "collection" not in a and b["collection"] == c["collection"]
+        code = table[b["collection"]]
+        seen.add(b["collection"])
+        for ra, rb, rc in zip(a["sentences"], b["sentences"], c["sentences"]):
+            assert rb["raw"] == f"{code} {ra['raw']}"  # the same objects and references, the code first
+            assert rc["raw"] == ra["raw"]
+        px = np.asarray(Image.open(studio / b["filepath"] / b["filename"]), dtype=np.float32)
+        border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+        assert np.abs(np.median(border, axis=0) - np.array(STUDIO_TINTS[b["collection"]])).max() < 16
+    assert len(seen) > 3
+    rows = read_karpathy(studio / "dataset_coco.json", studio, "test")
+    assert all(isinstance(r["collection"], int) for r in rows)
+
+
+def test_studio_world_bad_options_fail_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="collections must be one of none, studio, not 'shape'"):
+        write_coco_captions(tmp_path / "a", n_train=2, n_val=0, n_test=1, collections="shape")
+    with pytest.raises(ValueError, match="background must be 'plain', not 'noise'"):
+        write_coco_captions(tmp_path / "b", n_train=2, n_val=0, n_test=1, collections="studio", background="noise")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

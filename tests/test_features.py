@@ -193,7 +193,7 @@ def test_fit_fills_the_cache_from_the_store(tmp_path, monkeypatch):
     assert len(list((tmp_path / "home" / "features").glob("*.safetensors"))) == 2
 
 
-def _fit_linear_probe(tmp_path, fused: bool, epochs: int = 3):
+def _fit_linear_probe(tmp_path, fused: bool, epochs: int = 3, callbacks=(), ckpt_path=None, on_loss=None):
     import warnings
     from pathlib import Path
 
@@ -207,10 +207,13 @@ def _fit_linear_probe(tmp_path, fused: bool, epochs: int = 3):
     calls = []
     run = module._run_fused_epoch
     module._run_fused_epoch = lambda *a: (calls.append(1), run(*a))
+    if on_loss is not None:
+        loss_fn = module.task.loss
+        module.task.loss = lambda *a: (on_loss(module), loss_fn(*a))[1]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
-        trainer = bench._trainer(cfg, Path(tmp_path), epochs, [])
-        trainer.fit(module, datamodule=dm)
+        trainer = bench._trainer(cfg, Path(tmp_path), epochs, list(callbacks))
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module, trainer, calls
 
 
@@ -227,3 +230,31 @@ def test_fused_epochs_train_exactly_like_the_lightning_loop(tmp_path, monkeypatc
     for (name, a), (_, b) in zip(fused.method.named_parameters(), plain.method.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), f"{name} differs between fused and Lightning epochs"
     assert not torch.equal(fused.method.head.weight, torch.zeros_like(fused.method.head.weight))
+
+
+def test_a_fused_epoch_cut_short_by_an_interrupt_resumes_exactly(tmp_path, monkeypatch):
+    """An interrupt in the middle of a fused epoch keeps the previous epoch's last.ckpt (the cut
+    epoch is not complete), and the resumed run ends with the uninterrupted run's weights (each
+    remaining epoch fused once, none repeated or skipped)."""
+    from prompttune.run_callbacks import LastCheckpoint
+
+    monkeypatch.setenv("PROMPTTUNE_FEATURE_STORE", str(tmp_path / "store"))
+    ref, t_ref, _ = _fit_linear_probe(tmp_path / "ref", True, epochs=4)
+    ckpt = tmp_path / "last.ckpt"
+    state = {"n": 0, "stopped": False}
+
+    def stop_mid_epoch_2(module):
+        if module.current_epoch == 2:
+            state["n"] += 1
+            if state["n"] == 2:  # after the epoch's first step: a partial fused epoch
+                module.trainer.should_stop = state["stopped"] = True
+
+    cut, t_cut, calls = _fit_linear_probe(tmp_path / "cut", True, epochs=4, on_loss=stop_mid_epoch_2,
+                                          callbacks=[LastCheckpoint(ckpt, interrupted=lambda: state["stopped"])])
+    assert state["stopped"] and len(calls) == 3 and cut.fused_epoch_incomplete
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1  # epochs 0 and 1 whole; the cut epoch 2 not kept
+    resumed, t_res, calls_res = _fit_linear_probe(tmp_path / "res", True, epochs=4, ckpt_path=str(ckpt))
+    assert len(calls_res) == 2  # epochs 2 and 3 again, each fused, none repeated or skipped
+    assert t_res.global_step == t_ref.global_step
+    for (name, a), (_, b) in zip(resumed.method.named_parameters(), ref.method.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), f"{name}: resumed differs from uninterrupted"

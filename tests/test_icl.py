@@ -236,6 +236,11 @@ def test_shipped_icl_experiments_compose(exp):
         rows = {(r["cfg"].method.name, r["cfg"].data.pair) for r in runs}
         assert rows == {("no_prompt", "none"), ("no_prompt", "random"), ("no_prompt", "retrieved"),
                         ("inmemo", "retrieved"), ("e_inmemo", "retrieved")} and len(runs) == 15
+    # the prompted methods train at the paper's lr 40 (at the old default 0.2 the prompt barely
+    # leaves its randn init: docs/visual_icl.md); the frozen baseline trains nothing
+    lrs = {r["cfg"].method.name: r["cfg"].method.optim.get("lr") for r in runs}
+    assert lrs["inmemo"] == lrs["e_inmemo"] == 40.0
+    assert all(r["cfg"].method.optim.epochs == 0 for r in runs if r["cfg"].method.name == "no_prompt")
 
 
 CARDS = ["inmemo_pascal5i", "e_inmemo_pascal5i", "inmemo_pascal5i_noprompt", "inmemo_voc_det", "e_inmemo_voc_det",

@@ -244,7 +244,7 @@ def test_compose_time_checks(tmp_path):
         compose(None, ["method=mhub", "method.min_new_tokens=9", "method.max_new_tokens=8"])
 
 
-@pytest.mark.parametrize("sweep,n", [("ablation_mmict", 30), ("demo_mmict", 3)])
+@pytest.mark.parametrize("sweep,n", [("ablation_mmict", 30), ("demo_mmict", 9)])
 def test_shipped_sweeps_plan(sweep, n, tmp_path):
     from prompttune.sweep import plan
 
@@ -252,6 +252,9 @@ def test_shipped_sweeps_plan(sweep, n, tmp_path):
     assert len(runs) == n
     assert {r["cfg"].method.name for r in runs} >= {"ft_qformer", "vanilla_ict", "mhub"}
     assert all(r["cfg"].method.k == 0 for r in runs if r["cfg"].method.name == "ft_qformer")
+    if sweep == "demo_mmict":  # the studio world, similar demonstrations (docs/mmict.md)
+        assert all(r["cfg"].data.synthetic.collections == "studio" for r in runs)
+        assert all(r["cfg"].method.selection == "similar" for r in runs if r["cfg"].method.name != "ft_qformer")
 
 
 def test_demo_padding_feeds_every_text_position_up_to_the_batch_longest(bb, dm):

@@ -315,3 +315,61 @@ def test_tvp_update_matches_the_official_transcription(clip, tse_clip):
         tse_sim=lambda im: tse_s.text_similarity(im, texts).mean(), fca=0.3, tse=0.2, lr=1.5)
     m.prompt_step(x, y, lr=1.5)
     torch.testing.assert_close(m.perturbation.detach(), want, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- transfer targets (evaluation only)
+def test_transfer_targets_are_checked_before_compute():
+    from omegaconf import OmegaConf
+
+    from prompttune.config import ConfigError
+
+    with pytest.raises(ValueError, match="transfer_targets"):
+        VisualPrompt(transfer_targets="zoo_clip_p8")
+    with pytest.raises(ConfigError, match=r"transfer_targets names \['zoo_clip_typo'\]"):
+        VisualPrompt.check_config(OmegaConf.create({"method": {"transfer_targets": ["zoo_clip_typo"]}}))
+    with pytest.raises(ConfigError, match="expected a list"):
+        VisualPrompt.check_config(OmegaConf.create({"method": {"transfer_targets": "zoo_clip_p8"}}))
+    with pytest.raises(ConfigError, match="the TSE model 'zoo_clip_s2'"):
+        TransferableVisualPrompt.check_config(OmegaConf.create(
+            {"method": {"tse": 0.001, "tse_backbone": "zoo_clip_s2", "transfer_targets": ["zoo_clip_s2"]}}))
+    VisualPrompt.check_config(OmegaConf.create({"method": {"transfer_targets": ["zoo_clip_p8"]}}))  # valid
+
+
+def test_transfer_scores_are_recorded_per_item_at_test_time_only(clip):
+    """The target scores the source's prompted canvas; its per-item correctness goes to the task's
+    test items (index from the task's own `acc`), never during validation or training."""
+    from types import SimpleNamespace
+
+    from prompttune.tasks.classification import ClassificationTask
+
+    torch.manual_seed(1)
+    other = CLIPBackbone(zoo_entry="clip-tiny", weights="random")
+    m = _method(clip)
+    m.transfer_targets = ["same", "other"]
+    m._scorers["target:same"] = CLIPScorer(clip)  # the source itself: must agree with the task's acc
+    m._scorers["target:other"] = CLIPScorer(other)
+    task = ClassificationTask({"num_classes": 4})
+    logged = {}
+    module = SimpleNamespace(task=task, _trainer=SimpleNamespace(testing=False),
+                             log=lambda k, v, **kw: logged.setdefault(k, []).append(float(v)))
+    m._module_ref = lambda: module  # what manual_step stores (a weak reference to the module)
+    m.eval()
+    x, y = _batch(6)
+    mean, std = torch.tensor(clip.mean).view(1, 3, 1, 1), torch.tensor(clip.std).view(1, 3, 1, 1)
+    batch = {"image": (x - mean) / std, "label": y, "index": torch.arange(10, 16)}
+    task.update(m(clip, batch), batch, "val")  # validation: no transfer scores
+    assert sorted(task.take_items("val")["scores"]) == ["acc"]
+    module._trainer.testing = True
+    task.update(m(clip, batch), batch, "test")
+    items = task.take_items("test")
+    assert items["n"] == 6 and items["index"] == list(range(10, 16))
+    s = items["scores"]
+    assert s["transfer_acc/same"] == s["acc"]
+    want_other = (CLIPScorer(other).class_scores(pad_image(x, 32, 24), CLASSES).argmax(-1) == y).float().tolist()
+    assert s["transfer_acc/other"] == want_other
+    assert s["transfer_acc"] == [(a + b) / 2 for a, b in zip(s["acc"], want_other)]
+    assert logged["test/transfer_acc"] == [pytest.approx(sum(s["transfer_acc"]) / 6)]
+    m.train()
+    module._trainer.testing = True
+    m(clip, batch)  # training mode: nothing recorded
+    assert task.take_items("test") is None

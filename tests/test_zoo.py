@@ -70,6 +70,25 @@ def test_missed_bar_fails_loudly_and_caches_nothing(home):
         zoo.load_model("toy-weak")
 
 
+def test_a_failed_recipe_is_not_rebuilt_until_it_changes_or_is_forced(home, monkeypatch):
+    _entry("toy-weak2", bars=(zoo.Bar("score", min=0.95, why="competent"),))
+    with pytest.raises(zoo.ZooBuildError):
+        zoo.build("toy-weak2")
+    n = CALLS["n"]
+    # the same deterministic recipe: fails at once with the recorded values (each run of a sweep
+    # would otherwise pretrain again for nothing), and says how to retry
+    with pytest.raises(zoo.ZooBuildError, match=r"score = 0\.9, needs >= 0\.95.*earlier build.*--force"):
+        zoo.ensure("toy-weak2")
+    assert CALLS["n"] == n
+    with pytest.raises(zoo.ZooBuildError, match="missed"):
+        zoo.build("toy-weak2", force=True)
+    assert CALLS["n"] == n + 1
+    monkeypatch.setattr(zoo.ZooEntry, "recipe", lambda self: "a changed recipe")  # a fixed rerun is not blocked
+    with pytest.raises(zoo.ZooBuildError, match="missed"):
+        zoo.build("toy-weak2")
+    assert CALLS["n"] == n + 2
+
+
 def test_truncated_weights_are_set_aside_and_rebuilt(home, capsys):
     e = _entry("toy-trunc")
     zoo.build("toy-trunc")

@@ -68,3 +68,72 @@ def test_icl_competence_reports_bounded_ious_on_an_untrained_model():
     assert set(r) == {"label_recon_iou", "frozen_icl_iou", "label_fg_fraction"}
     assert all(0.0 <= v <= 1.0 for v in r.values())
     assert 0.05 < r["label_fg_fraction"] < 0.6  # the world's labels are neither empty nor full
+
+
+def test_vq_probe_script_trains_the_zoo_entrys_tokenizer_step():
+    """scripts/zoo_vq_probe.py reuses the entry's canvases and training step (no copy of its own):
+    on the same seed it ends with the same tokenizer weights as ``train_tokenizer`` called directly."""
+    pytest.importorskip("PIL")
+    import importlib.util
+    from pathlib import Path
+
+    from prompttune.backbones.mae_vqgan import make_model
+    from prompttune.data.canvas import CanvasGeometry
+    from prompttune.zoo import mae_vqgan_tiny as entry
+
+    script = Path(__file__).parents[1] / "scripts" / "zoo_vq_probe.py"
+    spec = importlib.util.spec_from_file_location("zoo_vq_probe", script)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    seen = {}
+    real = entry.train_tokenizer
+
+    def spy(vq, *a, **kw):
+        seen["vq"] = vq
+        return real(vq, *a, **kw)
+
+    probe.train_tokenizer = spy
+    out = probe.run({"n_embed": 16, "steps": 3, "canvases": 8, "eval_n": 4, "evals": [2, 3]})
+    assert [r["step"] for r in out] == [2, 3] and all(0.0 <= r["label_recon_iou"] <= 1.0 for r in out)
+    torch.manual_seed(0)
+    model = make_model("tiny", vq={"n_embed": 16}, mae={"vocab_size": 16})
+    torch.manual_seed(0)
+    canv, weight, _, _ = entry.training_canvases(CanvasGeometry(64, 8, 1), 8, 0, 3.0)
+    real(model.vqgan, canv, weight, 3, schedule="onecycle")
+    for k, v in model.vqgan.state_dict().items():
+        assert torch.equal(v, seen["vq"].state_dict()[k]), k
+    with pytest.raises(SystemExit, match="unknown probe key"):
+        probe.run({"codes": 16})
+    with pytest.raises(ValueError, match="schedule"):
+        real(model.vqgan, canv, weight, 1, schedule="cosine")
+
+
+def test_interleaved_batch_opens_each_caption_with_its_code_and_codes_follow_the_studio():
+    """blip2-tiny v5's episodes: a code token opens a segment's target (input and label), studios
+    share one code per sequence, VQA segments (studio -1) get none, and an episode holds at least
+    one earlier segment of the query's studio."""
+    from prompttune.backbones.blip2 import EOC_TOKEN
+    from prompttune.zoo.blip2_tiny import _episode, _interleaved_batch, _sequence_codes
+
+    unit, tok, data = _tiny_blip2_data()
+    bos, eoc = torch.tensor([tok.bos_token_id]), torch.tensor([tok.convert_tokens_to_ids(EOC_TOKEN)])
+    code = tok.convert_tokens_to_ids("5")
+    with torch.no_grad():
+        _, plain_mask, _, _ = _interleaved_batch(unit.blip2, unit.qformer_text_embeddings, data, [[1, 2]], bos, eoc)
+        emb, mask, labels, last = _interleaved_batch(unit.blip2, unit.qformer_text_embeddings, data, [[1, 2]],
+                                                     bos, eoc, codes=[[code, None]])
+    t_ids, t_len = data[2].input_ids, data[2].attention_mask.sum(1).tolist()
+    assert labels[0][labels[0] != -100].tolist() == [code] + t_ids[1, :t_len[1]].tolist() + t_ids[2, :t_len[2]].tolist()
+    assert int(mask.sum()) == int(plain_mask.sum()) + 1  # one token more: the code
+    nq, lp = unit.blip2.config.num_query_tokens, int(data[1].attention_mask[1].sum())
+    assert torch.allclose(emb[0, nq + 1 + lp], unit.blip2.get_input_embeddings()(torch.tensor([code]))[0])
+    assert last[0][last[0] != -100].tolist() == t_ids[2, :t_len[2]].tolist()
+
+    studios = [0, 0, 3, -1]
+    g = torch.Generator().manual_seed(0)
+    codes = _sequence_codes([[0, 1, 2, 3]] * 50, studios, [10, 11, 12, 13, 14, 15, 16], g)
+    assert all(c[0] == c[1] and c[3] is None for c in codes)
+    assert len({c[0] for c in codes}) > 1 and any(c[0] != c[2] for c in codes)  # fresh per sequence
+    for _ in range(20):
+        ep = _episode(9, 3, [5, 6], list(range(20)), g, p_same=0.0)
+        assert ep[-1] == 9 and len(ep) == 4 and any(i in (5, 6) for i in ep[:-1])

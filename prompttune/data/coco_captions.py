@@ -237,7 +237,7 @@ def read_karpathy(path: str | Path, image_root: str | Path, split: str) -> list[
             if not refs:
                 raise DataError(f"{path}: images[{i}] ({im['filename']}) has no captions")
             out.append({"path": str(image_root / im["filepath"] / im["filename"]), "refs": refs,
-                        "id": im.get("cocoid", i)})
+                        "id": im.get("cocoid", i), **({"collection": im["collection"]} if "collection" in im else {})})
     return out
 
 
@@ -309,12 +309,45 @@ def world_references(obj, rng: np.random.Generator, style: str) -> list[str]:
             f"a {obj.subcategory} {obj.color} {obj.category}", f"a {obj.color} {obj.category} , {obj.subcategory}"]
 
 
+COLLECTION_CODES = ("0", "1", "2", "3", "4", "5", "6")  # words the zoo tokenizer knows
+COLLECTION_KINDS = ("none", "studio")
+
+
+def collection_code_table(seed: int) -> dict[int, str]:
+    """The world's naming convention: each studio (collection) gets a catalogue code (a digit),
+    drawn at random per world ``seed`` -- arbitrary, so no image tells it."""
+    from prompttune.data.world import STUDIO_TINTS
+
+    rng = np.random.default_rng([int(seed), 16])  # its own stream: the objects are those of collections: none
+    return {s: COLLECTION_CODES[int(rng.integers(len(COLLECTION_CODES)))] for s in range(len(STUDIO_TINTS))}
+
+
 @SYNTHETIC.register("coco_captions")
 def write_coco_captions(root: Path, n_train: int = 64, n_val: int = 8, n_test: int = 32, side: int = 32, seed: int = 0,
-                        style: str = "coco", background: str = "plain") -> None:
-    """Synthetic-world images with five captions each, in Karpathy's ``dataset_coco.json``."""
-    from prompttune.data.world import render, sample_object, save_png
+                        style: str = "coco", background: str = "plain", collections: str = "none",
+                        codes: bool = True) -> None:
+    """Synthetic-world images with five captions each, in Karpathy's ``dataset_coco.json``.
 
+    ``collections: studio`` (the MMICT world property "demonstrations carry information the query
+    needs"): every scene is shot in one of 18 studios, which tints its plain background
+    (``world.STUDIO_TINTS``), and with ``codes`` all five references open with the studio's catalogue
+    code, a digit assigned at random per world seed (:func:`collection_code_table`). The image shows
+    the studio (its tint) but not the code, and the captions never name the tint: a model learns a
+    studio's code only from training captions of that studio -- by memorising them (fine-tuning)
+    or by reading a demonstration from the same studio (in-context tuning with ``selection:
+    similar``: with blip2-tiny v5's pooled ViT features the most similar training image is of the
+    query's studio for 55 of 128 test images of the demo world). Each image entry then
+    records its ``collection`` (studio index). ``codes: false`` (zoo pretraining) writes the studio
+    without codes. ``collections: none`` (default) writes exactly the former world."""
+    from prompttune.data.world import STUDIO_TINTS, render, sample_object, save_png
+
+    if collections not in COLLECTION_KINDS:
+        raise ValueError(f"synthetic.collections must be one of {', '.join(COLLECTION_KINDS)}, not {collections!r}")
+    if collections == "studio" and background != "plain":
+        raise ValueError(f"synthetic.collections: studio tints the plain background; synthetic.background must be "
+                         f"'plain', not {background!r}")
+    table = collection_code_table(seed) if collections == "studio" and codes else None
+    studio_rng = np.random.default_rng([int(seed), 17])
     root = Path(root)
     rng = np.random.default_rng(seed)
     images = []
@@ -325,10 +358,15 @@ def write_coco_captions(root: Path, n_train: int = 64, n_val: int = 8, n_test: i
         for _ in range(n):
             cocoid += 1
             obj = sample_object(rng)
-            img, _ = render([obj], side, rng, background)
+            studio = int(studio_rng.integers(len(STUDIO_TINTS))) if collections == "studio" else None
+            img, _ = render([obj], side, rng, background, tint=None if studio is None else STUDIO_TINTS[studio])
             name = f"COCO_{folder}_{cocoid:012d}.png"
             save_png(root / folder / name, img)
             refs = world_references(obj, rng, style)
-            images.append({"filepath": folder, "filename": name, "split": split, "cocoid": cocoid, "imgid": cocoid - 1,
-                           "sentences": [{"raw": r, "tokens": r.split()} for r in refs]})
+            entry = {"filepath": folder, "filename": name, "split": split, "cocoid": cocoid, "imgid": cocoid - 1}
+            if studio is not None:
+                if table is not None:
+                    refs = [f"{table[studio]} {r}" for r in refs]
+                entry["collection"] = studio
+            images.append({**entry, "sentences": [{"raw": r, "tokens": r.split()} for r in refs]})
     (root / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": images}))

@@ -318,10 +318,40 @@ class FDRDDataModule(PromptDataModule):
                 "n_negatives": len(self._records["test"][0]["negative"]) if self._records.get("test") else 0}
 
 
+LOOKALIKE_KINDS = ("subcategory", "color", "size")
+
+
+def nearest_color(color: str) -> str:
+    """The world colour nearest to ``color`` in RGB (the look-alike colour: red -> orange, blue -> purple)."""
+    from prompttune.data.world import COLORS
+
+    ref = np.array(COLORS[color], dtype=float)
+    return min((c for c in COLORS if c != color), key=lambda c: (float(np.sum((np.array(COLORS[c]) - ref) ** 2)), c))
+
+
+def lookalike(obj, kind: str, rng: np.random.Generator):
+    """A copy of ``obj`` that differs in exactly one caption word: its sub-category (another pattern
+    of the same shape: a different fine class), its colour (the nearest colour) or its size."""
+    import dataclasses
+
+    from prompttune.data.world import SUBCATEGORIES
+
+    if kind == "subcategory":
+        others = [s for s in SUBCATEGORIES if s != obj.subcategory]
+        return dataclasses.replace(obj, subcategory=others[int(rng.integers(len(others)))])
+    if kind == "color":
+        return dataclasses.replace(obj, color=nearest_color(obj.color))
+    if kind == "size":
+        size = "small" if obj.size == "large" else "large"
+        radius = obj.radius * (0.7 if size == "small" else 1.0 / 0.7)
+        return dataclasses.replace(obj, size=size, radius=radius)
+    raise ValueError(f"unknown look-alike kind {kind!r}; valid: {', '.join(LOOKALIKE_KINDS)}")
+
+
 # ------------------------------------------------------------------ synthetic writer
 @SYNTHETIC.register("fdrd")
 def write_fdrd(root: Path, n_train: int = 16, n_val: int = 4, n_test: int = 20, side: int = 32, seed: int = 0,
-               background: str = "noise", n_negatives: int = 4) -> None:
+               background: str = "noise", n_negatives: int = 4, lookalikes: list[str] | tuple[str, ...] = ()) -> None:
     """FDRD-format retrieval data from the synthetic world.
 
     Fine classes are "<pattern> <shape>" (16). Captions always name the fine class and the
@@ -330,14 +360,38 @@ def write_fdrd(root: Path, n_train: int = 16, n_val: int = 4, n_test: int = 20, 
     meta-category), then fine classes of other shapes. Images go flat into ``images/`` (like
     CoOp's oxford_pets); ``file_path`` is a foreign absolute path, as in the released files,
     and train records use ``"file_path": "YOUR_IMAGE_PATH"`` with ``class_name``, as released.
+
+    ``lookalikes`` (e.g. ``[subcategory, color, size]``): each val/test item ("anchor") comes with
+    one look-alike per kind, rendered from the same random state (same background, position,
+    pattern phase, noise) and differing from it in exactly that one caption word (:func:`lookalike`).
+    The gallery then holds groups of images that only the sub-category or an attribute word tells
+    apart, and each such word decides which image a caption retrieves. Training pairs are drawn as
+    without look-alikes (the look-alikes are what the method must learn to separate).
     """
     from prompttune.data.world import SUBCATEGORIES, fine_classes, render, sample_object, save_png
 
+    bad = [k for k in lookalikes if k not in LOOKALIKE_KINDS]
+    if bad or len(set(lookalikes)) != len(lookalikes):
+        raise ValueError(f"synthetic.lookalikes={list(lookalikes)!r}: expected distinct kinds among "
+                         f"{', '.join(LOOKALIKE_KINDS)}")
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     classes = fine_classes()
     files: dict[str, dict] = {"train": {}, "val": {}, "test": {}}
+
+    def eval_item(split: str, obj, fname: str, img) -> None:
+        save_png(root / "images" / f"{fname}.png", img)
+        cls = obj.fine_class
+        pos = obj.caption(with_subcategory=True, with_attributes=True)
+        siblings = [f"{s} {obj.category}" for s in SUBCATEGORIES if s != obj.subcategory]
+        others = [c for c in classes if not c.endswith(" " + obj.category)]
+        extra = [others[j] for j in rng.permutation(len(others))]
+        negs = [swap_class(pos, cls, s) for s in (siblings + extra)[:n_negatives]]
+        key = f"{cls.replace(' ', '_')}_{len(files[split]) + 1}"
+        files[split][key] = {"file_name": fname, "file_path": f"/root/DATA/synth_fdrd/images/{fname}.png",
+                             "positive": pos, "negative": negs}
+
     for cls in classes:
         sub, cat = cls.split(" ")
         siblings = [f"{s} {cat}" for s in SUBCATEGORIES if s != sub]
@@ -345,8 +399,17 @@ def write_fdrd(root: Path, n_train: int = 16, n_val: int = 4, n_test: int = 20, 
         for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
             for i in range(n):
                 obj = sample_object(rng, category=cat, subcategory=sub)
-                img, _ = render([obj], side, rng, background)
                 fname = f"{cls.replace(' ', '_')}_{split}_{i:04d}"
+                if split != "train" and lookalikes:
+                    state = int(rng.integers(2 ** 31))
+                    img, _ = render([obj], side, np.random.default_rng(state), background)
+                    eval_item(split, obj, fname, img)
+                    for kind in lookalikes:
+                        twin = lookalike(obj, kind, rng)
+                        img, _ = render([twin], side, np.random.default_rng(state), background)
+                        eval_item(split, twin, f"{fname}_{kind}", img)
+                    continue
+                img, _ = render([obj], side, rng, background)
                 save_png(root / "images" / f"{fname}.png", img)
                 pos = obj.caption(with_subcategory=True, with_attributes=True)
                 key = f"{cls.replace(' ', '_')}_{len(files[split]) + 1}"

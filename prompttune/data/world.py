@@ -105,9 +105,18 @@ def _pattern(obj: Obj, px: np.ndarray, py: np.ndarray, side: int, rng: np.random
     raise ValueError(f"unknown subcategory {obj.subcategory!r}; valid: {SUBCATEGORIES}")
 
 
-def _background(side: int, rng: np.random.Generator, style: str) -> np.ndarray:
+# Studio tints (additive, used only when asked for): a scene's background can be tinted by the
+# studio it was "photographed" in -- the MMICT world's collections (data/coco_captions.py).
+STUDIO_TINTS = tuple((r, g, b) for r in (0, 60, 120) for g in (0, 60, 120) for b in (10, 110))
+
+
+def _background(side: int, rng: np.random.Generator, style: str, tint: tuple | None = None) -> np.ndarray:
+    if tint is not None and style != "plain":
+        raise ValueError(f"a studio tint needs the 'plain' background, not {style!r}")
     if style == "plain":
         base = rng.uniform(10, 70, size=3)
+        if tint is not None:  # the studio's tint, with a little of the random base left
+            base = np.asarray(tint, dtype=np.float64) + (base - 40.0) * 0.1
         img = np.broadcast_to(base, (side, side, 3)).astype(np.float32).copy()
     elif style == "gradient":
         a, b = rng.uniform(0, 80, size=3), rng.uniform(0, 80, size=3)
@@ -121,14 +130,15 @@ def _background(side: int, rng: np.random.Generator, style: str) -> np.ndarray:
 
 
 def render(objs: list[Obj], side: int = 32, rng: np.random.Generator | None = None,
-           background: str = "plain") -> tuple[np.ndarray, np.ndarray]:
-    """Render objects (painted in order) on a background.
+           background: str = "plain", tint: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Render objects (painted in order) on a background (``tint``: an RGB studio tint for the
+    plain background, e.g. one of :data:`STUDIO_TINTS`; ``None``, the default: no tint).
 
     Returns the uint8 image [side, side, 3] and instance masks [n, side, side] (bool),
     each mask being what is visible of its object. Sets each object's pixel ``box``.
     """
     rng = rng or np.random.default_rng(0)
-    img = _background(side, rng, background)
+    img = _background(side, rng, background, tint)
     coords = (np.arange(side, dtype=np.float32) + 0.5) / side
     xx, yy = np.meshgrid(coords, coords)
     px, py = np.meshgrid(np.arange(side, dtype=np.float32), np.arange(side, dtype=np.float32))

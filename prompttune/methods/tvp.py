@@ -24,6 +24,10 @@ Prompting``, ``transfer_cls.py``):
   of the repeated noise: the same direction) is L2-normalised over the whole canvas, masked to
   the frame, and subtracted with step ``lr``; ``lr`` follows a cosine over epochs
   (``CosineAnnealingLR(T_max=epochs)`` stepped per epoch).
+* **Transfer** (evaluation only, Tables 1-2): ``transfer_targets`` lists backbone configs the trained
+  prompt is also scored on at test time, zero-shot on the same prompted canvas; each test item gets
+  ``transfer_acc/<target>`` and their mean ``transfer_acc`` (``test_items.json``; logged as
+  ``test/transfer_acc``). Training never sees the targets.
 * Prompts load and save in the official release's format: ``{"perturbation": float32 [3, S, S]}``
   (:func:`save_prompt`, :func:`load_prompt`).
 
@@ -50,6 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -138,12 +143,12 @@ class VisualPrompt(Method):
                  fca: float = 0.0, tse: float = 0.0, tse_backbone: str | dict | None = None,
                  tse_template: str = "this is a photo of a {}", template: str = "a photo of a {}.",
                  checkpoint: str | None = None, tse_on_source: bool = False, tse_weights: str | None = None,
-                 **unknown: Any):
+                 transfer_targets: Sequence[str] | None = None, **unknown: Any):
         super().__init__()
         if unknown:
             raise TypeError(f"unknown {self.registry_name} option(s) {sorted(unknown)}; valid: canvas_size, "
                             "image_size, prompt_size, fca, tse, tse_backbone, tse_template, template, checkpoint, "
-                            "tse_on_source, tse_weights")
+                            "tse_on_source, tse_weights, transfer_targets")
         if fca < 0 or tse < 0:
             raise ValueError(f"fca ({fca}) and tse ({tse}) are loss weights and must be >= 0")
         if "{}" not in tse_template:
@@ -153,6 +158,11 @@ class VisualPrompt(Method):
         self.tse_backbone, self.tse_template, self.template = tse_backbone, tse_template, template
         self.checkpoint = checkpoint
         self.tse_on_source, self.tse_weights = bool(tse_on_source), tse_weights
+        if isinstance(transfer_targets, str) or not all(isinstance(t, str) for t in (transfer_targets or [])):
+            raise ValueError(f"transfer_targets must be a list of backbone config names, got {transfer_targets!r}")
+        # evaluation only: target models the trained prompt is also scored on at test time
+        self.transfer_targets = list(transfer_targets or [])
+        self._module_ref: Any = None
         self.canvas_size: int | None = None
         # plain attributes, not submodules: never trained, never checkpointed
         self.classnames: list[str] = []
@@ -181,6 +191,20 @@ class VisualPrompt(Method):
                 raise ConfigError(
                     f"method.tse_backbone={tse_backbone!r} is the source backbone itself (backbone={tse_backbone!r}): "
                     "TSE needs a separate CLIP; choose another, or set method.tse_on_source=true")
+        targets = m.get("transfer_targets") or []
+        if isinstance(targets, str) or not isinstance(targets, Sequence):
+            raise ConfigError(f"method.transfer_targets={targets!r}: expected a list of backbone config names")
+        if targets:
+            from prompttune.config import group_choices
+
+            valid = group_choices("backbone")
+            bad = [t for t in targets if not isinstance(t, str) or t not in valid]
+            if bad:
+                raise ConfigError(f"method.transfer_targets names {bad}, not backbone configs; valid: {', '.join(valid)}")
+            tse_backbone = m.get("tse_backbone")
+            if m.get("tse", 0.0) > 0 and isinstance(tse_backbone, str) and tse_backbone in targets:
+                raise ConfigError(f"method.transfer_targets includes the TSE model {tse_backbone!r}: a prompt "
+                                  "trained towards it is no test of transfer; choose other targets")
         for key in ("image_size", "prompt_size"):
             v = m.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -227,6 +251,10 @@ class VisualPrompt(Method):
         self._data_norm = (tuple(data_mean or scorer.mean), tuple(data_std or scorer.std))
         if self.tse > 0 and "tse" not in self._scorers:
             self._scorers["tse"] = self._tse_scorer(source, scorer)
+        weights = getattr(source, "weights", None)  # targets follow the source (random in smoke runs)
+        for t in self.transfer_targets:
+            if f"target:{t}" not in self._scorers:
+                self._scorers[f"target:{t}"] = build_scorer(t, weights=weights)
 
     def _tse_scorer(self, source: Any, scorer: ZeroShotScorer) -> ZeroShotScorer:
         """The TSE CLIP: a separate model (the paper: OpenAI CLIP ViT-B/32, ``transfer_cls.py:286``);
@@ -281,7 +309,37 @@ class VisualPrompt(Method):
         if "source" not in self._scorers:
             self.bind(backbone, self.classnames or [], None, None)
         prompted = self.apply(self.raw_pixels(batch["image"]))
+        if self.transfer_targets and not self.training:
+            self._record_transfer(prompted, batch)
         return {"logits": self.scorer().class_scores(prompted, self.classnames)}
+
+    # ------------------------------------------------------------------ transfer (evaluation only)
+    def transfer_correct(self, prompted: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-item correctness of each transfer target's zero-shot prediction on the prompted canvas
+        (the paper's transfer protocol: the source's prompt, unchanged, in front of another model)."""
+        out = {}
+        with torch.no_grad():
+            for t in self.transfer_targets:
+                sc = self.scorer(f"target:{t}")
+                if sc.device != prompted.device:
+                    sc.to(prompted.device)
+                out[t] = (sc.class_scores(prompted, self.classnames).argmax(-1) == labels).float()
+        return out
+
+    def _record_transfer(self, prompted: torch.Tensor, batch: dict[str, Any]) -> None:
+        """At test time, record each item's transfer accuracy beside the task's own per-item scores:
+        ``transfer_acc`` (mean over targets) and ``transfer_acc/<target>`` (``test_items.json``, and
+        the logged ``test/transfer_acc``). Needs the Lightning module, which ``manual_step`` saw."""
+        module = self._module_ref() if self._module_ref is not None else None
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is None or not getattr(trainer, "testing", False) or "label" not in batch:
+            return
+        per = self.transfer_correct(prompted, batch["label"])
+        mean = torch.stack(list(per.values())).mean(0)
+        scores = {"transfer_acc": mean, **{f"transfer_acc/{t}": v for t, v in per.items()}}
+        module.task.record_items("test", None, **scores)  # the index comes with the task's own "acc"
+        for k, v in scores.items():
+            module.log(f"test/{k}", v.mean(), batch_size=len(v), on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ training
     def objective(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -323,6 +381,7 @@ class VisualPrompt(Method):
         return base_lr * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
 
     def manual_step(self, module: Any, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self._module_ref = weakref.ref(module)  # for recording transfer scores at test time
         cfg = module.optim_cfg
         epochs = int(getattr(module.trainer, "max_epochs", None) or cfg.get("epochs", 1))
         lr = self.cosine_lr(float(cfg.get("lr", 1.0)), int(module.current_epoch), epochs)

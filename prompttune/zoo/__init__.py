@@ -98,6 +98,23 @@ class ZooEntry:
     def built(self) -> bool:
         return self.weights.is_file() and self.meta.is_file()
 
+    def recipe(self) -> str:
+        """A fingerprint of the recipe: the version and the source files of ``make_model`` and
+        ``pretrain`` (a build is deterministic, so the same recipe misses the same bars again)."""
+        import functools
+        import inspect
+
+        h = hashlib.sha1(f"{self.name}:{self.version}:{FORMAT}".encode())
+        for fn in (self.make_model, self.pretrain):
+            while isinstance(fn, functools.partial):  # its bound arguments are part of the recipe
+                h.update(repr((fn.args, sorted(fn.keywords.items()))).encode())
+                fn = fn.func
+            try:
+                h.update(Path(inspect.getsourcefile(fn)).read_bytes())
+            except (TypeError, OSError):
+                h.update(getattr(fn, "__qualname__", type(fn).__name__).encode())
+        return h.hexdigest()
+
     def problem(self) -> str | None:
         """Why the build on disk cannot be used (None when it can; also None when nothing is built)."""
         if not self.folder.exists():
@@ -193,6 +210,16 @@ def build(name: str, force: bool = False) -> Path:
     entry = get(name)
     with _lock(entry.folder.parent / ".lock"):
         why = "rebuild forced (--force)" if force and entry.folder.exists() else entry.problem()
+        failed_file = entry.folder / "failed_bars.json"
+        if not force and not why and failed_file.is_file():  # the same recipe would miss the same bars again
+            try:
+                failed_before = json.loads(failed_file.read_text())
+            except (OSError, ValueError):
+                failed_before = {}
+            if failed_before.get("recipe") == entry.recipe() and failed_before.get("failure"):
+                raise ZooBuildError(f"{failed_before['failure']} -- recorded by an earlier build of this same recipe "
+                                    f"({failed_file}); change the recipe, or retry with "
+                                    f"`prompttune zoo build {name} --force`")
         if why:
             _set_aside(entry, why)
         elif entry.built():
@@ -207,9 +234,10 @@ def build(name: str, force: bool = False) -> Path:
             summary = entry.pretrain(model, entry.folder)
         failed = [m for m in (bar.check(summary) for bar in entry.bars) if m]
         if failed:
-            atomic_write_json(entry.folder / "failed_bars.json", {"name": name, "version": entry.version, **summary})
-            raise ZooBuildError(f"zoo entry {name!r} missed its competence bar(s): " + "; ".join(failed)
-                                + f" (summary in {entry.folder / 'failed_bars.json'}; nothing was cached)")
+            failure = f"zoo entry {name!r} missed its competence bar(s): " + "; ".join(failed)
+            atomic_write_json(failed_file, {"name": name, "version": entry.version, "recipe": entry.recipe(),
+                                            "failure": failure, **summary})
+            raise ZooBuildError(failure + f" (summary in {failed_file}; nothing was cached)")
         tmp = entry.weights.with_name(f".weights.{os.getpid()}.tmp")
         save_model(model.cpu(), str(tmp))  # handles tied weights (e.g. an LM's embeddings and head)
         os.chmod(tmp, 0o644)  # shared caches: readable by every user of the machine

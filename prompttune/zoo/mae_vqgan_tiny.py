@@ -12,30 +12,15 @@ import torch.nn.functional as F
 from prompttune import zoo
 from prompttune.backbones.mae_vqgan import IMAGENET_MEAN, IMAGENET_STD, MAEVQGAN, make_model
 
-def _pretrain_tiny(model: MAEVQGAN, folder: Path, seed: int = 0, n_canvases: int = 1024,
-                   vq_steps: int = 150, mae_steps: int = 500, batch: int = 32, vq_batch: int = 16,
-                   label_weight: float = 1.0, vq_schedule: str = "constant") -> dict[str, Any]:
-    """Two stages on synthetic-world canvases, all on the CPU:
-
-    1. VQ tokenizer: reconstruction (L1 + MSE) + codebook/commitment losses (VQ-VAE, beta 0.25),
-       dead codes re-seeded from encoder outputs (no GAN or perceptual loss: a departure from VQGAN).
-       ``label_weight`` multiplies the reconstruction loss on the two label cells (what the ICL
-       task decodes and scores); ``vq_schedule`` "onecycle" warms up and anneals the lr.
-    2. MAE: cross-entropy on the tokenizer's indices of masked patches; three batches in four mask
-       the query-label quadrant (the ICL task: a1, the evaluation default, in two of them, else a
-       random arrangement), one in four masks 75% at random
-       (MAE's own objective, as Bar et al. pretrain on figures with random masking).
-    """
-    import time
-
-    from tqdm.auto import tqdm
-
+def training_canvases(geom, n_canvases: int, seed: int, label_weight: float = 1.0):
+    """The pretraining canvases: ``n_canvases`` same-class pairs of the synthetic world
+    (``synthetic_icl_pairs``, seed ``seed + 1000``), each laid out in a random arrangement drawn from
+    ``np.random.default_rng(seed)``. Returns (canvases [N,3,S,S] in [0, 1], per-pixel reconstruction
+    weight [N,1,S,S] (``label_weight`` on the two label cells, 1 elsewhere), arrangement index per
+    canvas, and the NumPy generator, which the MAE stage goes on drawing from)."""
+    from prompttune.data.canvas import ARRANGEMENTS, arrangement_slots, build_canvas
     from prompttune.data.pascal5i import synthetic_icl_pairs
-    from prompttune.data.canvas import ARRANGEMENTS, CanvasGeometry, arrangement_slots, build_canvas
 
-    torch.manual_seed(seed)
-    geom = CanvasGeometry(model.mae.img_size, model.mae.patch_size, 1)
-    t0 = time.perf_counter()
     si, sm, qi, qm = synthetic_icl_pairs(n_canvases, geom.cell, seed=seed + 1000)
     arrs = list(ARRANGEMENTS)
     rng = np.random.default_rng(seed)
@@ -49,19 +34,28 @@ def _pretrain_tiny(model: MAEVQGAN, folder: Path, seed: int = 0, n_canvases: int
             for slot in (arrangement_slots(arrs[a])[1], arrangement_slots(arrs[a])[3]):  # the label cells
                 ys, xs = geom.cell_slice(slot)
                 weight[sel, :, ys, xs] = label_weight
-    gen_s = time.perf_counter() - t0
+    return canv, weight, arr_of, rng
 
-    # ---- stage 1: tokenizer
-    vq = model.vqgan
+
+def train_tokenizer(vq, canv: torch.Tensor, weight: torch.Tensor, steps: int, batch: int = 16, lr: float = 2e-3,
+                    schedule: str = "constant", bar=None, on_step=None) -> float:
+    """Stage 1, the VQ tokenizer: reconstruction (L1 + MSE, weighted per pixel) + codebook/commitment
+    losses (VQ-VAE, beta 0.25), dead codes re-seeded from encoder outputs every 25 steps (not in the
+    last 50). No GAN or perceptual loss: a departure from VQGAN. ``schedule`` "onecycle" warms up
+    and anneals the lr. Batches are drawn from torch's global generator. ``on_step(step + 1,
+    rec_loss)`` is called after every step (the probe script evaluates there). Returns the last
+    reconstruction loss; leaves ``vq`` in eval mode."""
+    if schedule not in ("constant", "onecycle"):
+        raise ValueError(f"vq schedule must be 'constant' or 'onecycle', not {schedule!r}")
+    n = canv.shape[0]
     vq.train()
-    opt = torch.optim.Adam(vq.parameters(), lr=2e-3)
-    vq_sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=vq_steps, pct_start=0.05)
-                if vq_schedule == "onecycle" else None)
+    opt = torch.optim.Adam(vq.parameters(), lr=lr)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+             if schedule == "onecycle" else None)
     usage = torch.zeros(vq.n_embed)
-    bar = tqdm(total=vq_steps + mae_steps, desc="zoo mae-vqgan-tiny", unit="step")
     rec = float("nan")
-    for step in range(vq_steps):
-        pick = torch.randint(0, n_canvases, (vq_batch,))
+    for step in range(steps):
+        pick = torch.randint(0, n, (batch,))
         x, wm = canv[pick], weight[pick]
         z = vq.encode_pre_quant(2 * x - 1)
         b, d, h, w = z.shape
@@ -73,19 +67,58 @@ def _pretrain_tiny(model: MAEVQGAN, folder: Path, seed: int = 0, n_canvases: int
         opt.zero_grad(set_to_none=True)
         (loss_rec + vq_loss).backward()
         opt.step()
-        if vq_sched is not None:
-            vq_sched.step()
+        if sched is not None:
+            sched.step()
         usage.mul_(0.9).index_add_(0, idx.flatten(), torch.ones(idx.numel()))
-        if step % 25 == 24 and step < vq_steps - 50:  # re-seed dead codes from current encodings
+        if step % 25 == 24 and step < steps - 50:  # re-seed dead codes from current encodings
             dead = torch.nonzero(usage < 1e-3).flatten()
             if len(dead):
                 pool = z.detach().permute(0, 2, 3, 1).reshape(-1, d)
                 vq.quantize.embedding.weight.data[dead] = pool[torch.randint(0, len(pool), (len(dead),))]
                 usage[dead] = 1.0
-        rec = float(loss_rec)
-        bar.set_postfix(stage="vq", rec=f"{rec:.3f}")
-        bar.update()
+        rec = float(loss_rec.detach())
+        if bar is not None:
+            bar.set_postfix(stage="vq", rec=f"{rec:.3f}")
+            bar.update()
+        if on_step is not None:
+            on_step(step + 1, rec)
+            vq.train()
     vq.eval()
+    return rec
+
+
+def _pretrain_tiny(model: MAEVQGAN, folder: Path, seed: int = 0, n_canvases: int = 1024,
+                   vq_steps: int = 150, mae_steps: int = 500, batch: int = 32, vq_batch: int = 16,
+                   label_weight: float = 1.0, vq_schedule: str = "constant") -> dict[str, Any]:
+    """Two stages on synthetic-world canvases, all on the CPU:
+
+    1. VQ tokenizer (``train_tokenizer``): reconstruction (L1 + MSE) + codebook/commitment losses
+       (VQ-VAE, beta 0.25), dead codes re-seeded from encoder outputs (no GAN or perceptual loss:
+       a departure from VQGAN). ``label_weight`` multiplies the reconstruction loss on the two
+       label cells (what the ICL task decodes and scores); ``vq_schedule`` "onecycle" warms up
+       and anneals the lr.
+    2. MAE: cross-entropy on the tokenizer's indices of masked patches; three batches in four mask
+       the query-label quadrant (the ICL task: a1, the evaluation default, in two of them, else a
+       random arrangement), one in four masks 75% at random
+       (MAE's own objective, as Bar et al. pretrain on figures with random masking).
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from prompttune.data.canvas import ARRANGEMENTS, CanvasGeometry
+
+    torch.manual_seed(seed)
+    geom = CanvasGeometry(model.mae.img_size, model.mae.patch_size, 1)
+    t0 = time.perf_counter()
+    canv, weight, arr_of, rng = training_canvases(geom, n_canvases, seed, label_weight)
+    arrs = list(ARRANGEMENTS)
+    gen_s = time.perf_counter() - t0
+
+    # ---- stage 1: tokenizer
+    vq = model.vqgan
+    bar = tqdm(total=vq_steps + mae_steps, desc="zoo mae-vqgan-tiny", unit="step")
+    rec = train_tokenizer(vq, canv, weight, vq_steps, batch=vq_batch, schedule=vq_schedule, bar=bar)
     with torch.no_grad():
         targets = torch.cat([vq.codebook_indices(canv[i:i + 256]) for i in range(0, n_canvases, 256)])
     used = int(torch.unique(targets).numel())
@@ -118,7 +151,7 @@ def _pretrain_tiny(model: MAEVQGAN, folder: Path, seed: int = 0, n_canvases: int
         loss.backward()
         opt.step()
         sched.step()
-        ce = float(loss)
+        ce = float(loss.detach())
         bar.set_postfix(stage="mae", ce=f"{ce:.3f}")
         bar.update()
     bar.close()

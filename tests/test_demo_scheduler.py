@@ -1,0 +1,100 @@
+"""The demo's scheduler (prompttune/demo.py: zoo builds and sections as child processes, at most
+``jobs`` at once, a section after the zoo entries it needs) on toy commands; and zoo_needs."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from prompttune import demo
+
+PY = sys.executable
+
+
+def _task(tmp: Path, key: str, body: str, needs=()) -> demo._Task:
+    """A child that appends (key, start, end, OMP_NUM_THREADS) to a shared JSON-lines file."""
+    code = textwrap.dedent(f"""
+        import json, os, sys, time
+        t0 = time.time()
+        {body}
+        with open({str(tmp / 'trace.jsonl')!r}, 'a') as fh:
+            fh.write(json.dumps([{key!r}, t0, time.time(), os.environ.get('OMP_NUM_THREADS')]) + '\\n')
+    """)
+    return demo._Task(key, [PY, "-c", code], tmp / "logs" / f"{key.replace(':', '-')}.log", tuple(needs))
+
+
+def _trace(tmp: Path) -> dict:
+    return {k: (a, b, t) for k, a, b, t in map(json.loads, (tmp / "trace.jsonl").read_text().splitlines())}
+
+
+def test_sections_wait_for_their_zoo_builds_and_at_most_jobs_run_at_once(tmp_path, capsys):
+    tasks = [_task(tmp_path, "zoo:a", "time.sleep(1.0); print('zoo: built a')"),
+             _task(tmp_path, "s1", "print('[1/1] run completed')", needs=["zoo:a"]),
+             _task(tmp_path, "s2", "time.sleep(0.5)"),
+             _task(tmp_path, "s3", "time.sleep(0.5)")]
+    assert demo._Scheduler(tasks, jobs=2).run() == 0
+    tr = _trace(tmp_path)
+    assert set(tr) == {"zoo:a", "s1", "s2", "s3"}
+    assert tr["s1"][0] >= tr["zoo:a"][1]  # started after the build it needs had finished
+    assert {t[2] for t in tr.values()} == {"1"}  # one intra-op thread per child
+    events = sorted([(a, 1) for a, _, _ in tr.values()] + [(b, -1) for _, b, _ in tr.values()])
+    running = peak = 0
+    for _, d in events:
+        running += d
+        peak = max(peak, running)
+    assert peak <= 2
+    out = capsys.readouterr().out
+    assert "[zoo:a] zoo: built a" in out and "[s1] [1/1] run completed" in out  # progress echoed
+    assert all(t.rc == 0 for t in tasks)
+
+
+def test_a_failed_build_skips_the_sections_that_need_it_but_not_the_others(tmp_path, capsys):
+    tasks = [_task(tmp_path, "zoo:bad", "sys.exit(3)"),
+             _task(tmp_path, "needs_bad", "pass", needs=["zoo:bad"]),
+             _task(tmp_path, "free", "pass")]
+    assert demo._Scheduler(tasks, jobs=1).run() == 0
+    by = {t.key: t.rc for t in tasks}
+    assert by == {"zoo:bad": 3, "needs_bad": 1, "free": 0}
+    assert "needs_bad" not in _trace(tmp_path) and "free" in _trace(tmp_path)
+    out = capsys.readouterr().out
+    assert "zoo:bad: FAILED (exit code 3" in out and "needs_bad: not run, it needs zoo:bad" in out
+
+
+def test_sigterm_reaches_the_children_and_the_demo_exits_143(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from prompttune import demo
+        code = ("import signal, sys, time\\n"
+                "signal.signal(signal.SIGTERM, lambda *a: (open({str(tmp_path / 'child_got')!r}, 'w').write('TERM'), sys.exit(143)))\\n"
+                "print('[1/1] started', flush=True)\\n"
+                "time.sleep(60)\\n")
+        t = demo._Task("s", [sys.executable, "-c", code], Path({str(tmp_path / 'logs' / 's.log')!r}))
+        sys.exit(demo._Scheduler([t], jobs=1).run())
+    """))
+    p = subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    log = tmp_path / "logs" / "s.log"
+    while time.time() < deadline and not (log.is_file() and "started" in log.read_text()):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 143, out
+    assert (tmp_path / "child_got").read_text() == "TERM"
+
+
+def test_zoo_needs_reads_backbones_and_named_backbone_configs_but_not_random_weights():
+    from omegaconf import OmegaConf
+
+    def runs(*cfgs):
+        return [{"cfg": OmegaConf.create(c)} for c in cfgs]
+
+    assert demo.zoo_needs(runs({"backbone": {"zoo_entry": "clip-tiny"}, "method": {"uses": {"backbone": "zoo_vit_mae"}}})) \
+        == ["clip-tiny"]  # a method's default backbone (`uses`) is not what the run loads
+    assert demo.zoo_needs(runs({"backbone": {"zoo_entry": "clip-tiny"},
+                                "method": {"tse_backbone": "zoo_clip_s2"}})) == ["clip-tiny", "clip-tiny-s2"]
+    assert demo.zoo_needs(runs({"backbone": {"zoo_entry": "clip-tiny", "weights": "random"}})) == []
