@@ -68,12 +68,12 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 # metrics in [0, 1] are shown in percent, as the papers do
-_PERCENT = ("acc", "miou", "vqa_acc", "R@")
+_PERCENT = ("acc", "miou", "vqa_acc", "transfer_acc")
 
 
 def scale_of(metric: str) -> float:
     key = metric.removeprefix("test/")
-    return 100.0 if key.startswith(_PERCENT[:3]) or "R@" in key else 1.0
+    return 100.0 if key.startswith(_PERCENT) or "R@" in key else 1.0
 
 
 def sections() -> dict[str, Path]:

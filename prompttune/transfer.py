@@ -417,23 +417,15 @@ def gradient_shares(method: Any, pixels: torch.Tensor, labels: torch.Tensor) -> 
     """How much of TVP's update comes from FCA and TSE: the frame-masked gradient norm of each
     weighted term (``task``, ``fca * FCA``, ``-tse * TSE``) at the current prompt, and the cosine
     between the full update direction and the task-only one (1.0: TVP steps exactly as VP would)."""
-    src, mask = method.scorer(), method.mask
-    clean = method.clean(pixels)
-    delta = method.perturbation
+    mask, delta = method.mask, method.perturbation
 
     def grad(term: torch.Tensor) -> torch.Tensor:
-        (g,) = torch.autograd.grad(term, delta)
+        (g,) = torch.autograd.grad(term, delta, retain_graph=True)
         return (g * mask).flatten()
 
-    prompted = clean + delta
-    terms = {"task": src.task_loss(prompted, labels, method.classnames)}
-    if method.fca > 0:
-        with torch.no_grad():
-            e_clean = src.embed(clean)
-        terms["fca"] = method.fca * (src.embed(clean + delta) - e_clean).norm(dim=-1).mean()
-    if method.tse > 0:
-        texts = [method.tse_template.format(method.classnames[int(c)]) for c in labels]
-        terms["tse"] = -method.tse * method.scorer("tse").text_similarity(clean + delta, texts).mean()
+    raw = method.objective_terms(pixels, labels)  # the very terms TVP's step differentiates
+    weight = {"task": 1.0, "fca": method.fca, "tse": -method.tse}  # as in Eq. 7
+    terms = {k: weight[k] * v for k, v in raw.items()}
     grads = {k: grad(v) for k, v in terms.items()}
     total = sum(grads.values())
     out = {f"grad_norm/{k}": float(g.norm()) for k, g in grads.items()}

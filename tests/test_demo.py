@@ -99,3 +99,9 @@ def test_claim_on_real_runs_pairs_their_test_items(tmp_path):
     assert r["verdict"] in ("holds", "inconclusive", "reversed") and r["n_seeds"] == 2
     assert r["n_items"] == len(stats.read_items(sec / "coop0")["scores"]["acc"])
     assert r["ci"][0] <= r["diff"] <= r["ci"][1]
+
+
+@pytest.mark.parametrize("metric,scale", [("test/acc", 100), ("test/transfer_acc", 100), ("test/miou", 100),
+                                          ("test/i2t/R@1", 100), ("test/rsum", 1), ("test/cider", 1)])
+def test_metrics_in_0_1_are_shown_in_percent(metric, scale):
+    assert demo.scale_of(metric) == scale

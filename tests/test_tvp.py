@@ -134,6 +134,32 @@ def test_fca_and_tse_terms(clip, tse_clip):
     assert parts2["fca"] > 0  # the prompted embedding now differs from the clean one
 
 
+def test_gradient_shares_split_tvps_update_into_its_weighted_terms(clip, tse_clip):
+    """The TVP probe (prompttune.transfer.gradient_shares): the frame-masked gradients of the
+    weighted terms add up to the step's own gradient; VP's update is the task term alone."""
+    from prompttune.transfer import gradient_shares
+
+    x, y = _batch()
+    m = _method(clip, TransferableVisualPrompt, fca=0.5, tse=5.0, tse_backbone=tse_clip)
+    m.prompt_step(x, y, lr=1.0)  # off delta = 0, where FCA's gradient is 0
+    out = gradient_shares(m, x, y)
+    assert set(out) == {"grad_norm/task", "grad_norm/fca", "grad_norm/tse", "cos(update, task-only update)"}
+    assert out["grad_norm/fca"] > 0 and out["grad_norm/tse"] > 0
+    loss, _ = m.objective(x, y)
+    (g,) = torch.autograd.grad(loss, m.perturbation)
+    parts = {}
+    for k, w in (("task", 1.0), ("fca", 0.5), ("tse", -5.0)):
+        (gk,) = torch.autograd.grad(w * m.objective_terms(x, y)[k], m.perturbation)
+        parts[k] = (gk * m.mask).flatten()
+        assert out[f"grad_norm/{k}"] == pytest.approx(float(parts[k].norm()), rel=1e-5)
+    total = sum(parts.values())
+    torch.testing.assert_close(total, (g * m.mask).flatten(), rtol=1e-4, atol=1e-6)
+    assert out["cos(update, task-only update)"] < 1.0
+    vp = gradient_shares(_method(clip), x, y)
+    assert set(vp) == {"grad_norm/task", "cos(update, task-only update)"}
+    assert vp["cos(update, task-only update)"] == pytest.approx(1.0)
+
+
 def test_tse_gradient_changes_the_update(clip, tse_clip):
     x, y = _batch()
     a, b = _method(clip), _method(clip, TransferableVisualPrompt, fca=0.0, tse=5.0, tse_backbone=tse_clip)
@@ -335,11 +361,10 @@ def test_transfer_targets_are_checked_before_compute():
     VisualPrompt.check_config(OmegaConf.create({"method": {"transfer_targets": ["zoo_clip_p8"]}}))  # valid
 
 
-def test_transfer_scores_are_recorded_per_item_at_test_time_only(clip):
-    """The target scores the source's prompted canvas; its per-item correctness goes to the task's
-    test items (index from the task's own `acc`), never during validation or training."""
-    from types import SimpleNamespace
-
+def test_transfer_scores_are_recorded_per_item_at_evaluation_only(clip):
+    """The target scores the source's prompted canvas; the forward's per-item correctness goes
+    through the task to the split's items (index from the batch) and its mean to the metrics;
+    a training forward carries none."""
     from prompttune.tasks.classification import ClassificationTask
 
     torch.manual_seed(1)
@@ -349,18 +374,12 @@ def test_transfer_scores_are_recorded_per_item_at_test_time_only(clip):
     m._scorers["target:same"] = CLIPScorer(clip)  # the source itself: must agree with the task's acc
     m._scorers["target:other"] = CLIPScorer(other)
     task = ClassificationTask({"num_classes": 4})
-    logged = {}
-    module = SimpleNamespace(task=task, _trainer=SimpleNamespace(testing=False),
-                             log=lambda k, v, **kw: logged.setdefault(k, []).append(float(v)))
-    m._module_ref = lambda: module  # what manual_step stores (a weak reference to the module)
     m.eval()
     x, y = _batch(6)
     mean, std = torch.tensor(clip.mean).view(1, 3, 1, 1), torch.tensor(clip.std).view(1, 3, 1, 1)
     batch = {"image": (x - mean) / std, "label": y, "index": torch.arange(10, 16)}
-    task.update(m(clip, batch), batch, "val")  # validation: no transfer scores
-    assert sorted(task.take_items("val")["scores"]) == ["acc"]
-    module._trainer.testing = True
     task.update(m(clip, batch), batch, "test")
+    metrics = task.compute("test")
     items = task.take_items("test")
     assert items["n"] == 6 and items["index"] == list(range(10, 16))
     s = items["scores"]
@@ -368,8 +387,7 @@ def test_transfer_scores_are_recorded_per_item_at_test_time_only(clip):
     want_other = (CLIPScorer(other).class_scores(pad_image(x, 32, 24), CLASSES).argmax(-1) == y).float().tolist()
     assert s["transfer_acc/other"] == want_other
     assert s["transfer_acc"] == [(a + b) / 2 for a, b in zip(s["acc"], want_other)]
-    assert logged["test/transfer_acc"] == [pytest.approx(sum(s["transfer_acc"]) / 6)]
+    assert metrics["transfer_acc"] == pytest.approx(sum(s["transfer_acc"]) / 6)
+    assert metrics["transfer_acc/same"] == pytest.approx(metrics["acc"])
     m.train()
-    module._trainer.testing = True
-    m(clip, batch)  # training mode: nothing recorded
-    assert task.take_items("test") is None
+    assert "item_scores" not in m(clip, batch)  # training: the targets are never run

@@ -25,9 +25,10 @@ Prompting``, ``transfer_cls.py``):
   the frame, and subtracted with step ``lr``; ``lr`` follows a cosine over epochs
   (``CosineAnnealingLR(T_max=epochs)`` stepped per epoch).
 * **Transfer** (evaluation only, Tables 1-2): ``transfer_targets`` lists backbone configs the trained
-  prompt is also scored on at test time, zero-shot on the same prompted canvas; each test item gets
-  ``transfer_acc/<target>`` and their mean ``transfer_acc`` (``test_items.json``; logged as
-  ``test/transfer_acc``). Training never sees the targets.
+  prompt is also scored on at evaluation, zero-shot on the same prompted canvas: the forward's
+  ``item_scores`` give each item ``transfer_acc/<target>`` and their mean ``transfer_acc``, which the
+  classification task records per item (``test_items.json``) and reports as means
+  (``test/transfer_acc``). Training never sees the targets.
 * Prompts load and save in the official release's format: ``{"perturbation": float32 [3, S, S]}``
   (:func:`save_prompt`, :func:`load_prompt`).
 
@@ -54,7 +55,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -162,7 +162,6 @@ class VisualPrompt(Method):
             raise ValueError(f"transfer_targets must be a list of backbone config names, got {transfer_targets!r}")
         # evaluation only: target models the trained prompt is also scored on at test time
         self.transfer_targets = list(transfer_targets or [])
-        self._module_ref: Any = None
         self.canvas_size: int | None = None
         # plain attributes, not submodules: never trained, never checkpointed
         self.classnames: list[str] = []
@@ -309,9 +308,12 @@ class VisualPrompt(Method):
         if "source" not in self._scorers:
             self.bind(backbone, self.classnames or [], None, None)
         prompted = self.apply(self.raw_pixels(batch["image"]))
-        if self.transfer_targets and not self.training:
-            self._record_transfer(prompted, batch)
-        return {"logits": self.scorer().class_scores(prompted, self.classnames)}
+        out = {"logits": self.scorer().class_scores(prompted, self.classnames)}
+        if self.transfer_targets and not self.training and "label" in batch:
+            per = self.transfer_correct(prompted, batch["label"])
+            out["item_scores"] = {"transfer_acc": torch.stack(list(per.values())).mean(0),
+                                  **{f"transfer_acc/{t}": v for t, v in per.items()}}
+        return out
 
     # ------------------------------------------------------------------ transfer (evaluation only)
     def transfer_correct(self, prompted: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -326,46 +328,37 @@ class VisualPrompt(Method):
                 out[t] = (sc.class_scores(prompted, self.classnames).argmax(-1) == labels).float()
         return out
 
-    def _record_transfer(self, prompted: torch.Tensor, batch: dict[str, Any]) -> None:
-        """At test time, record each item's transfer accuracy beside the task's own per-item scores:
-        ``transfer_acc`` (mean over targets) and ``transfer_acc/<target>`` (``test_items.json``, and
-        the logged ``test/transfer_acc``). Needs the Lightning module, which ``manual_step`` saw."""
-        module = self._module_ref() if self._module_ref is not None else None
-        trainer = getattr(module, "_trainer", None) if module is not None else None
-        if trainer is None or not getattr(trainer, "testing", False) or "label" not in batch:
-            return
-        per = self.transfer_correct(prompted, batch["label"])
-        mean = torch.stack(list(per.values())).mean(0)
-        scores = {"transfer_acc": mean, **{f"transfer_acc/{t}": v for t, v in per.items()}}
-        module.task.record_items("test", None, **scores)  # the index comes with the task's own "acc"
-        for k, v in scores.items():
-            module.log(f"test/{k}", v.mean(), batch_size=len(v), on_step=False, on_epoch=True)
-
     # ------------------------------------------------------------------ training
-    def objective(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Eq. 7: ``task + fca * FCA - tse * TSE`` on a batch of raw pixels."""
+    def objective_terms(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 7's terms on a batch of raw pixels, unweighted and differentiable in the prompt:
+        ``task``, and ``fca`` / ``tse`` where their weights are > 0."""
         if not self.classnames:
             raise RuntimeError(f"{self.registry_name}: no class names bound; call setup() first")
         src = self.scorer()
         clean = self.clean(pixels)
         prompted = clean + self.perturbation.to(pixels.device)
-        task = src.task_loss(prompted, labels, self.classnames)
-        loss, parts = task, {"task": float(task.detach())}
+        terms = {"task": src.task_loss(prompted, labels, self.classnames)}
         if self.fca > 0:
             with torch.no_grad():
                 e_clean = src.embed(clean)
-            fca = (src.embed(prompted) - e_clean).norm(dim=-1).mean()
-            loss = loss + self.fca * fca
-            parts["fca"] = float(fca.detach())
+            terms["fca"] = (src.embed(prompted) - e_clean).norm(dim=-1).mean()
         if self.tse > 0:
             tse_model = self.scorer("tse")
             if tse_model.device != pixels.device:
                 tse_model.to(pixels.device)
             texts = [self.tse_template.format(self.classnames[int(c)]) for c in labels]
-            tse = tse_model.text_similarity(prompted, texts).mean()
-            loss = loss - self.tse * tse
-            parts["tse"] = float(tse.detach())
-        return loss, parts
+            terms["tse"] = tse_model.text_similarity(prompted, texts).mean()
+        return terms
+
+    def objective(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. 7: ``task + fca * FCA - tse * TSE`` on a batch of raw pixels."""
+        terms = self.objective_terms(pixels, labels)
+        loss = terms["task"]
+        if "fca" in terms:
+            loss = loss + self.fca * terms["fca"]
+        if "tse" in terms:
+            loss = loss - self.tse * terms["tse"]
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
 
     def prompt_step(self, pixels: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, dict]:
         """One official normalised-gradient step on the perturbation; returns the (pre-step) loss."""
@@ -381,7 +374,6 @@ class VisualPrompt(Method):
         return base_lr * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
 
     def manual_step(self, module: Any, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        self._module_ref = weakref.ref(module)  # for recording transfer scores at test time
         cfg = module.optim_cfg
         epochs = int(getattr(module.trainer, "max_epochs", None) or cfg.get("epochs", 1))
         lr = self.cosine_lr(float(cfg.get("lr", 1.0)), int(module.current_epoch), epochs)

@@ -29,11 +29,20 @@ class ClassificationTask(Task):
         return F.cross_entropy(outputs["logits"].float(), batch["label"], label_smoothing=self.label_smoothing)
 
     def update(self, outputs, batch, stage):
+        """Top-1 accuracy, and any per-item scores the method adds under ``outputs["item_scores"]``
+        (name -> [B] tensor, e.g. TVP's ``transfer_acc``): recorded per item beside ``acc`` and
+        reported as their mean by :meth:`compute`."""
         self.acc[stage].update(outputs["logits"].float(), batch["label"])
-        self.record_items(stage, batch, acc=outputs["logits"].argmax(-1) == batch["label"])
+        self.record_items(stage, batch, acc=outputs["logits"].argmax(-1) == batch["label"],
+                          **(outputs.get("item_scores") or {}))
 
     def compute(self, stage):
-        return {"acc": float(self.acc[stage].compute())}
+        out = {"acc": float(self.acc[stage].compute())}
+        scores = self.__dict__.get("_item_store", {}).get(stage, {}).get("scores", {})
+        for name, vals in scores.items():  # the method's extra per-item scores, as means (this rank's items)
+            if name != "acc" and vals:
+                out[name] = sum(vals) / len(vals)
+        return out
 
     def reset(self, stage):
         self.acc[stage].reset()
