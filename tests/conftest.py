@@ -87,10 +87,11 @@ def retrieval_batch():
 
 @pytest.fixture
 def tiny_sweep(tmp_path):
-    """``tiny_sweep(name, grid, seeds, extra, cpu_threads)``: a smoke-sized sweep file (random-weight
-    backbones, 2 training batches, 1 test batch) whose runs go to ``tmp_path / "runs"``."""
+    """``tiny_sweep(name, grid, seeds, extra, cpu_threads, epochs, report)``: a smoke-sized sweep file
+    (random-weight backbones, 2 training batches, 1 test batch) whose runs go to ``tmp_path / "runs"``."""
 
-    def write(name="t", grid="{method: [zero_shot, linear_probe]}", seeds="[0, 1]", extra="", cpu_threads=None):
+    def write(name="t", grid="{method: [zero_shot, linear_probe]}", seeds="[0, 1]", extra="", cpu_threads=None,
+              epochs=1, report="{metric: test/acc}"):
         threads = f", cpu_threads: {cpu_threads}" if cpu_threads else ""
         f = tmp_path / f"{name}.yaml"
         f.write_text(f"""sweep:
@@ -98,10 +99,10 @@ def tiny_sweep(tmp_path):
   runs_dir: {tmp_path / 'runs'}
   grid: {grid}
   seeds: {seeds}
-  report: {{metric: test/acc}}
+  report: {report}
 backbone: {{weights: random}}
 data: {{batch_size: 8}}
-method: {{optim: {{epochs: 1}}}}
+method: {{optim: {{epochs: {epochs}}}}}
 trainer: {{limit_train_batches: 2, limit_test_batches: 1{threads}}}
 {extra}""")
         return f

@@ -1,6 +1,7 @@
 """Sweeps at scale: claims, --jobs, concurrent sweeps, W&B agent commands, SLURM (submitit),
 signals, DDP ranks, failed and stale runs."""
 
+import functools
 import json
 import os
 import re
@@ -21,20 +22,11 @@ from prompttune.sweep import (Claim, expand, find_point, is_claimed, is_follower
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _sweep(tmp_path, grid="{method: [zero_shot, linear_probe]}", seeds="[0, 1]", epochs=1, extra="", name="t"):
-    f = tmp_path / f"{name}.yaml"
-    f.write_text(f"""sweep:
-  name: {name}
-  runs_dir: {tmp_path / 'runs'}
-  grid: {grid}
-  seeds: {seeds}
-  report: {{metric: test/acc, goal: minimize}}
-backbone: {{weights: random}}
-data: {{batch_size: 8}}
-method: {{optim: {{epochs: {epochs}}}}}
-trainer: {{limit_train_batches: 2, limit_test_batches: 1, cpu_threads: 1}}
-{extra}""")
-    return f
+@pytest.fixture
+def sweep_file(tiny_sweep):
+    """conftest's ``tiny_sweep`` with one thread per run and a ``minimize`` goal (which the W&B
+    sweep config must carry)."""
+    return functools.partial(tiny_sweep, cpu_threads=1, report="{metric: test/acc, goal: minimize}")
 
 
 def _env(**kw):
@@ -103,8 +95,8 @@ UNION = """[{method: [zero_shot, linear_probe]},
         {method: [linear_probe], method.optim.lr: [0.1, 0.001]}]"""
 
 
-def test_union_sweep_gives_one_wandb_config_per_subgrid(tmp_path):
-    f = _sweep(tmp_path, grid=UNION, seeds="[0, 1]")
+def test_union_sweep_gives_one_wandb_config_per_subgrid(tmp_path, sweep_file):
+    f = sweep_file(grid=UNION, seeds="[0, 1]")
     f.write_text(f.read_text().replace("goal: minimize", ""))
     block, runs = plan(f, runs_dir="/tmp/x")
     specs = wandb_sweep_specs(block, Path("/tmp/x"))
@@ -143,10 +135,10 @@ def test_shipped_sweep_is_named_relative_to_the_repo():
         os.chdir(cwd)
 
 
-def test_agent_command_runs_a_point_from_any_directory(tmp_path):
+def test_agent_command_runs_a_point_from_any_directory(tmp_path, sweep_file):
     """Run the exact command `wandb agent` would run for one point, with W&B's substitutions,
     from an unrelated directory; it trains that point into the sweep's own run directory."""
-    f = _sweep(tmp_path)
+    f = sweep_file()
     assert run_sweep(f, dry_run=True, wandb=True) == 0  # writes the W&B sweep config, runs nothing
     spec = yaml.safe_load((tmp_path / "runs" / "wandb_sweep.yaml").read_text())
     assert spec["metric"] == {"name": "test/acc", "goal": "minimize"}
@@ -171,10 +163,10 @@ def test_agent_command_runs_a_point_from_any_directory(tmp_path):
 
 # --------------------------------------------------------------------------- parallel and concurrent
 @pytest.mark.slow  # subprocesses: ~1-2 min on 2 shared cores
-def test_jobs_and_a_second_sweep_train_every_run_once(tmp_path):
+def test_jobs_and_a_second_sweep_train_every_run_once(tmp_path, sweep_file):
     """`--jobs 2` and a plain `sweep` on the same runs_dir at once: each of the 4 runs is trained by
     exactly one of the three workers; the others see it claimed or completed."""
-    f = _sweep(tmp_path, epochs=2)
+    f = sweep_file(epochs=2)
     a = _cli("sweep", f, "--jobs", "2", "--no-report")
     time.sleep(1.0)
     b = _cli("sweep", f, "--no-report")
@@ -197,8 +189,8 @@ def test_jobs_and_a_second_sweep_train_every_run_once(tmp_path):
 
 
 # --------------------------------------------------------------------------- failed and stale runs
-def test_failed_point_is_skipped_until_retry_failed(tmp_path, capsys):
-    f = _sweep(tmp_path, grid="{method: [zero_shot]}", seeds="[0]")
+def test_failed_point_is_skipped_until_retry_failed(tmp_path, capsys, sweep_file):
+    f = sweep_file(grid="{method: [zero_shot]}", seeds="[0]")
     _, runs = plan(f)
     rdir = runs[0]["dir"]
     rdir.mkdir(parents=True)
@@ -213,8 +205,8 @@ def test_failed_point_is_skipped_until_retry_failed(tmp_path, capsys):
     assert json.loads((rdir / "result.json").read_text())["status"] == "completed"
 
 
-def test_completed_run_of_another_config_is_an_error_up_front(tmp_path):
-    f = _sweep(tmp_path, grid="{method: [zero_shot]}", seeds="[0, 1]")
+def test_completed_run_of_another_config_is_an_error_up_front(tmp_path, sweep_file):
+    f = sweep_file(grid="{method: [zero_shot]}", seeds="[0, 1]")
     _, runs = plan(f, ["data.shots=2"])
     from omegaconf import OmegaConf
 
@@ -227,24 +219,24 @@ def test_completed_run_of_another_config_is_an_error_up_front(tmp_path):
     assert not (runs[0]["dir"]).exists()  # nothing ran
 
 
-def test_grid_over_an_inert_key_fails_before_any_run(tmp_path):
+def test_grid_over_an_inert_key_fails_before_any_run(tmp_path, sweep_file):
     from prompttune.methods.coop import CoOp
 
     if "check_config" not in vars(CoOp):
         pytest.skip("CoOp.check_config (n_ctx vs ctx_init) has not landed yet")
-    f = _sweep(tmp_path, grid="{method: [coop], method.n_ctx: [2, 4]}", seeds="[0]")
+    f = sweep_file(grid="{method: [coop], method.n_ctx: [2, 4]}", seeds="[0]")
     with pytest.raises(ConfigError) as err:
         plan(f, ["method.ctx_init=a photo of a"])
     assert "n_ctx" in str(err.value) and "ctx_init" in str(err.value)
     assert not (tmp_path / "runs").exists()
 
 
-def test_load_sweep_rejects_bad_report_goal_and_seed_in_grid(tmp_path):
-    f = _sweep(tmp_path)
+def test_load_sweep_rejects_bad_report_goal_and_seed_in_grid(tmp_path, sweep_file):
+    f = sweep_file()
     f.write_text(f.read_text().replace("goal: minimize", "goal: maximise"))
     with pytest.raises(ConfigError, match="sweep.report.goal .* 'maximise'; expected one of maximize, minimize"):
         load_sweep(f)
-    f2 = _sweep(tmp_path, grid="{seed: [0, 1]}", name="u")
+    f2 = sweep_file(grid="{seed: [0, 1]}", name="u")
     with pytest.raises(ConfigError, match="put seeds in sweep.seeds"):
         load_sweep(f2)
 
@@ -262,12 +254,12 @@ def test_sbatch_script_of_the_array(tmp_path):
 
 
 @pytest.mark.slow  # subprocesses: ~1-2 min on 2 shared cores
-def test_slurm_launcher_with_the_local_executor(tmp_path):
+def test_slurm_launcher_with_the_local_executor(tmp_path, sweep_file):
     """submitit's local executor runs the array's tasks as processes; together they train every run
     once, each task claiming runs until none is left."""
     from prompttune.launchers import submit_slurm
 
-    f = _sweep(tmp_path, grid="{method: [linear_probe]}", seeds="[0, 1, 2]")
+    f = sweep_file(grid="{method: [linear_probe]}", seeds="[0, 1, 2]")
     old = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)}
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -295,11 +287,11 @@ def _wait_for(path: Path, proc, timeout=300):
 
 @pytest.mark.slow  # subprocesses: ~1-2 min on 2 shared cores
 @pytest.mark.parametrize("sig,jobs", [(signal.SIGTERM, 2), (signal.SIGINT, 1)])
-def test_signal_stops_the_sweep_nonzero_and_rerun_resumes(tmp_path, sig, jobs):
+def test_signal_stops_the_sweep_nonzero_and_rerun_resumes(tmp_path, sig, jobs, sweep_file):
     """SIGTERM (SLURM time limit, preemption) or SIGINT (Ctrl-C) mid-run, to a `--jobs 2` parent
     (passed on to its children) or a plain sweep: exit 128+signal with the resume hint, no record
     written for the interrupted run, its claim released (resuming it is runs.fit's, tested in test_runs)."""
-    f = _sweep(tmp_path, grid="{method: [linear_probe]}", seeds="[0, 1]", epochs=200)
+    f = sweep_file(grid="{method: [linear_probe]}", seeds="[0, 1]", epochs=200)
     p = _cli("sweep", f, "--jobs", jobs, "--no-report")
     _wait_for(tmp_path / "runs" / "method=linear_probe,s0" / "checkpoints" / "last.ckpt", p)
     p.send_signal(sig)
@@ -316,11 +308,11 @@ def _worker_pids(rdir: Path) -> list[int]:
 
 
 @pytest.mark.slow  # subprocesses: ~1-2 min on 2 shared cores
-def test_jobs_workers_train_run_after_run_and_a_dead_worker_costs_its_run_only(tmp_path):
+def test_jobs_workers_train_run_after_run_and_a_dead_worker_costs_its_run_only(tmp_path, sweep_file):
     """`--jobs 2` starts two long-lived workers that each train run after run (start-up paid once per
     worker, not per run). SIGKILL to the worker of the long run (the OOM killer, a segfault): that run
     is reported interrupted and left resumable, the others complete, and the sweep exits 1."""
-    f = _sweep(tmp_path, grid="[{method: [linear_probe], method.optim.epochs: [400]}, "
+    f = sweep_file(grid="[{method: [linear_probe], method.optim.epochs: [400]}, "
                               "{method: [linear_probe], method.optim.lr: [0.1, 0.01, 0.001]}]", seeds="[0]")
     p = _cli("sweep", f, "--jobs", 2, "--no-report")
     long = tmp_path / "runs" / "method=linear_probe,epochs=400,s0"
@@ -359,10 +351,10 @@ def _launcher_children() -> list[int]:
     return kids
 
 
-def test_jobs_with_nothing_to_train_or_a_bad_grid_leaves_no_worker(tmp_path, capsys):
+def test_jobs_with_nothing_to_train_or_a_bad_grid_leaves_no_worker(tmp_path, capsys, sweep_file):
     """The workers start before the grid is composed: a grid that is all done, or that fails
     validation, must end them at once (nothing imported for nothing, nothing left behind)."""
-    f = _sweep(tmp_path, grid="{method: [zero_shot]}", seeds="[0, 1]")
+    f = sweep_file(grid="{method: [zero_shot]}", seeds="[0, 1]")
     from omegaconf import OmegaConf
 
     for run in plan(f)[1]:
@@ -380,11 +372,11 @@ def test_jobs_with_nothing_to_train_or_a_bad_grid_leaves_no_worker(tmp_path, cap
 
 # --------------------------------------------------------------------------- a sweep under DDP
 @pytest.mark.slow  # a 2-process gloo DDP job in a subprocess: ~1-2 min on 2 shared cores
-def test_ddp_sweep_trains_each_point_once_and_reports_once(tmp_path):
+def test_ddp_sweep_trains_each_point_once_and_reports_once(tmp_path, sweep_file):
     """`prompttune sweep` under a 2-process CPU DDP job (Lightning relaunches the same command as
     rank 1): rank 0 alone claims, records, prints progress and the report; rank 1 trains each point
     alongside it, exactly once, so every result.json is one 2-device run."""
-    f = _sweep(tmp_path, grid="{method: [linear_probe]}", seeds="[0, 1]")
+    f = sweep_file(grid="{method: [linear_probe]}", seeds="[0, 1]")
     p = _cli("sweep", f, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
     out, err = p.communicate(timeout=900)
     assert p.returncode == 0, (out, err[-3000:])
