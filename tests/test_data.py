@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -156,3 +157,19 @@ def test_transform_resize_ratio_applies_to_images_already_at_size():
     torch.testing.assert_close(out, torch.from_numpy(want).permute(2, 0, 1))
     same = ImageTransform(8, (0, 0, 0), (1, 1, 1))(img)  # ratio 1: untouched
     torch.testing.assert_close(same, torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1))
+
+
+def test_read_json_names_the_file_when_missing_unparsable_or_not_utf8(tmp_path):
+    from prompttune.data.base import DataError, read_json
+
+    f = tmp_path / "a.json"
+    with pytest.raises(DataError, match="^no split file here$"):
+        read_json(f, "no split file here")
+    f.write_text('{"train": [')
+    with pytest.raises(DataError, match=rf"^split file {re.escape(str(f))} is not valid JSON: "):
+        read_json(f, "missing", "split file ")
+    f.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(DataError, match="is not valid JSON"):
+        read_json(f, "missing")
+    f.write_text('{"train": [1]}')
+    assert read_json(f, "missing") == {"train": [1]}

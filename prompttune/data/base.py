@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -16,6 +17,18 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 class DataError(ValueError):
     """A dataset in the wrong layout, a missing or corrupt file: raised before compute."""
+
+
+def read_json(path: str | Path, missing: str, what: str = "") -> Any:
+    """The JSON document in ``path``, or a :class:`DataError`: ``missing`` when there is no such
+    file, ``"<what><path> is not valid JSON: ..."`` when it does not parse (or is not UTF-8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{what}{path} is not valid JSON: {err}") from None
 
 
 class CorruptImageError(DataError):

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from prompttune.data.base import DataError, PromptDataModule, read_image
+from prompttune.data.base import DataError, PromptDataModule, read_image, read_json
 from prompttune.registry import DATASETS, SYNTHETIC
 
 CAPTION_PROMPT = "a photo of"
@@ -218,12 +218,7 @@ def check_prompt(prompt: Any) -> str | list[str]:
 def read_karpathy(path: str | Path, image_root: str | Path, split: str) -> list[dict[str, Any]]:
     """Images of one Karpathy split (``train`` includes ``restval``): {path, refs, cocoid}."""
     path, image_root = Path(path), Path(image_root)
-    if not path.is_file():
-        raise DataError(f"Karpathy caption file not found: {path} (expected dataset_coco.json)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON: {err}") from None
+    data = read_json(path, f"Karpathy caption file not found: {path} (expected dataset_coco.json)")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: expected a Karpathy-split JSON object with an 'images' list")
     want = {"train": ("train", "restval")}.get(split, (split,))
@@ -245,12 +240,7 @@ def read_lavis_karpathy(path: str | Path, image_root: str | Path) -> list[dict[s
     """LAVIS's ``coco_karpathy_{train,val,test}.json`` (lists of {"image", "caption": str | [str]}),
     grouped by image: {path, refs, id}."""
     path, image_root = Path(path), Path(image_root)
-    if not path.is_file():
-        raise DataError(f"LAVIS caption file not found: {path} (expected coco_karpathy_{{train,val,test}}.json)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON: {err}") from None
+    data = read_json(path, f"LAVIS caption file not found: {path} (expected coco_karpathy_{{train,val,test}}.json)")
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a LAVIS annotation list of {{'image', 'caption'}} entries")
     by_image: dict[str, dict[str, Any]] = {}

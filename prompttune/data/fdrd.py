@@ -43,14 +43,13 @@ hard negatives.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from prompttune.data.base import DataError, ListDataset, PromptDataModule
+from prompttune.data.base import DataError, ListDataset, PromptDataModule, read_json
 from prompttune.data.image_folder import fewshot_rows
 from prompttune.registry import DATASETS, SYNTHETIC
 from prompttune.utils import atomic_write_json
@@ -115,12 +114,8 @@ def swap_class(caption: str, old: str, new: str) -> str | None:
 
 def read_fdrd_json(path: Path, need_negatives: bool) -> list[dict[str, Any]]:
     """Records of one FDRD file, validated: a clear error names the file, item and key."""
-    if not path.is_file():
-        raise DataError(f"FDRD file not found: {path} (expected FDRD JSON: {{id: {{file_path, positive, negative}}}})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"FDRD file {path} is not valid JSON: {err}") from None
+    data = read_json(path, f"FDRD file not found: {path} (expected FDRD JSON: {{id: {{file_path, positive, negative}}}})",
+                     "FDRD file ")
     if not isinstance(data, dict) or not data:
         raise DataError(f"FDRD file {path} must be a non-empty mapping of item id to "
                         "{file_name, file_path, positive, negative}")

@@ -38,7 +38,6 @@ class of the training split (seeded by ``val_seed``), trained on none of it.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from prompttune.data.base import (INTERPOLATIONS, TRAIN_CROPS, DataError, ImageTransform, ListDataset,
-                                  PromptDataModule)
+                                  PromptDataModule, read_json)
 from prompttune.registry import DATASETS, SYNTHETIC
 from prompttune.utils import atomic_write_json
 
@@ -149,10 +148,7 @@ def read_vpt_json(root: Path, image_dir: str) -> dict[str, list]:
             if split == "val":
                 continue
             raise DataError(f"{f} not found (the vpt_json layout needs train.json and test.json, relpath -> label)")
-        try:
-            data = json.loads(f.read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(f"{f} is not valid JSON: {err}") from None
+        data = read_json(f, f"{f} not found")
         if not isinstance(data, dict) or not all(isinstance(v, int) for v in list(data.values())[:5]):
             raise DataError(f"{f} must map image paths to integer labels, e.g. {{\"a/b.jpg\": 3}}")
         out[split] = [(str(Path(image_dir) / k), int(v)) for k, v in data.items()]

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from prompttune.data.base import DataError, ListDataset, PromptDataModule
+from prompttune.data.base import DataError, ListDataset, PromptDataModule, read_json
 from prompttune.registry import DATASETS, SYNTHETIC
 from prompttune.utils import atomic_write_json
 
@@ -55,12 +55,8 @@ log = logging.getLogger("prompttune")
 
 
 def read_split_file(path: Path, required: tuple[str, ...] = ("train", "test")) -> dict[str, list]:
-    if not path.is_file():
-        raise DataError(f"split file not found: {path} (expected CoOp's JSON with train/val/test lists)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"split file {path} is not valid JSON: {err}") from None
+    data = read_json(path, f"split file not found: {path} (expected CoOp's JSON with train/val/test lists)",
+                     "split file ")
     if not isinstance(data, dict) or any(k not in data for k in required):
         raise DataError(f"split file {path} must map {', '.join(map(repr, required))} (and 'val') "
                         "to lists of [path, label, classname]")

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from prompttune.data.base import DataError
+from prompttune.data.base import DataError, read_json
 from prompttune.data.coco_captions import CAPTION_PROMPT, InContextDataModule
 from prompttune.registry import DATASETS, SYNTHETIC
 
@@ -51,12 +51,7 @@ MSVD_SPLITS = (("train", 1, 1200), ("val", 1201, 1300), ("test", 1301, 1970))
 
 
 def _load_json(path: Path) -> Any:
-    if not path.is_file():
-        raise DataError(f"video caption file not found: {path} (expected MSR-VTT videodatainfo JSON)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON: {err}") from None
+    return read_json(path, f"video caption file not found: {path} (expected MSR-VTT videodatainfo JSON)")
 
 
 def read_msrvtt_annotations(root: Path, ann_files: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from prompttune.data.base import DataError
+from prompttune.data.base import DataError, read_json
 from prompttune.data.coco_captions import InContextDataModule
 from prompttune.registry import DATASETS, SYNTHETIC
 
@@ -32,12 +32,7 @@ def vqa_prompt(question: str, template: str = VQA_PROMPT) -> str:
 
 
 def _load(path: Path, key: str) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"VQAv2 file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON: {err}") from None
+    data = read_json(path, f"VQAv2 file not found: {path}")
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise DataError(f"{path}: expected a JSON object with a {key!r} list")
     return data[key]
