@@ -173,3 +173,16 @@ def test_read_json_names_the_file_when_missing_unparsable_or_not_utf8(tmp_path):
         read_json(f, "missing")
     f.write_text('{"train": [1]}')
     assert read_json(f, "missing") == {"train": [1]}
+
+
+def test_random_crop_box_stays_inside_and_follows_its_scale_and_seed():
+    from prompttune.data.base import random_crop_box
+
+    boxes = [random_crop_box(64, 48, np.random.default_rng(s), (0.5, 1.0)) for s in range(200)]
+    assert all(b is not None for b in boxes)
+    for x0, y0, x1, y1 in boxes:
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48
+        assert 0.5 * 64 * 48 * 0.9 <= (x1 - x0) * (y1 - y0) <= 64 * 48  # area fraction in scale (rounding aside)
+    assert len(set(boxes)) > 100  # the draw varies with the generator ...
+    assert random_crop_box(64, 48, np.random.default_rng(7), (0.5, 1.0)) == boxes[7]  # ... and only with it
+    assert random_crop_box(1, 400, np.random.default_rng(0), (0.9, 1.0)) is None  # no try fits: caller's fallback

@@ -15,6 +15,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
+def random_crop_box(w: int, h: int, rng: np.random.Generator, scale: tuple[float, float],
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int] | None:
+    """torchvision's RandomResizedCrop box, drawn from ``rng``: up to 10 tries of an area fraction in
+    ``scale`` and a log-uniform aspect ratio in ``ratio``; None when no try fits (callers choose the
+    fallback)."""
+    for _ in range(10):
+        target = w * h * rng.uniform(*scale)
+        ar = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return x0, y0, x0 + cw, y0 + ch
+    return None
+
+
 class DataError(ValueError):
     """A dataset in the wrong layout, a missing or corrupt file: raised before compute."""
 
@@ -91,15 +106,11 @@ class ImageTransform:
 
     def _random_resized_crop(self, img):
         w, h = img.size
-        for _ in range(10):
-            target = w * h * self.rng.uniform(0.08, 1.0)
-            ar = math.exp(self.rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
-            if 0 < cw <= w and 0 < ch <= h:
-                x0, y0 = int(self.rng.integers(0, w - cw + 1)), int(self.rng.integers(0, h - ch + 1))
-                return img.crop((x0, y0, x0 + cw, y0 + ch))
-        s = min(w, h)  # fallback: the central square
-        return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        box = random_crop_box(w, h, self.rng, (0.08, 1.0))
+        if box is None:  # fallback: the central square
+            s = min(w, h)
+            box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+        return img.crop(box)
 
     def __call__(self, img) -> torch.Tensor:
         from PIL import Image

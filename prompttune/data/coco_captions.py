@@ -32,7 +32,6 @@ Shared plumbing (:class:`InContextDataModule`):
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from prompttune.data.base import DataError, PromptDataModule, read_image, read_json
+from prompttune.data.base import DataError, PromptDataModule, random_crop_box, read_image, read_json
 from prompttune.registry import DATASETS, SYNTHETIC
 
 CAPTION_PROMPT = "a photo of"
@@ -73,15 +72,9 @@ class SquashTransform:
         self.rng = np.random.default_rng(seed)
 
     def _crop(self, img):
-        w, h = img.size
-        for _ in range(10):
-            target = w * h * self.rng.uniform(0.5, 1.0)
-            ar = math.exp(self.rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
-            if 0 < cw <= w and 0 < ch <= h:
-                x0, y0 = int(self.rng.integers(0, w - cw + 1)), int(self.rng.integers(0, h - ch + 1))
-                return img.crop((x0, y0, x0 + cw, y0 + ch))
-        return img  # torchvision's fallback crops the centre at a clamped ratio; whole image here
+        box = random_crop_box(*img.size, self.rng, (0.5, 1.0))
+        # torchvision's fallback crops the centre at a clamped ratio; whole image here
+        return img if box is None else img.crop(box)
 
     def __call__(self, img) -> torch.Tensor:
         from PIL import Image
