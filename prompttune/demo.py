@@ -321,7 +321,7 @@ class _Scheduler:
                 for t in list(pending):
                     if len(running) >= self.jobs:
                         break
-                    failed = [n for n in t.needs if done.get(n, 0) != 0 and n in done]
+                    failed = [n for n in t.needs if done.get(n) not in (None, 0)]
                     if failed:  # what it needs could not be built: report it and go on with the rest
                         pending.remove(t)
                         t.rc, done[t.key] = 1, 1
@@ -344,6 +344,13 @@ class _Scheduler:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def exit_status(tasks: list[_Task]) -> int:
+    """The demo's exit code: 0 when every child succeeded, else the largest child's code, a child
+    killed by a signal counting as 128 + the signal (as a shell reports it)."""
+    codes = [t.rc if t.rc >= 0 else 128 - t.rc for t in tasks if t.rc]
+    return max(codes, default=0)
 
 
 def default_jobs() -> int:
@@ -396,7 +403,7 @@ def run_demo(sections: list[str] | None = None, runs_dir: str = "runs/demo", see
               file=sys.stderr, flush=True)
         return stopped
     wall = time.perf_counter() - t_all
-    status = max((t.rc or 0) for t in tasks)
+    status = exit_status(tasks)
     timings = {t.key: t.seconds for t in tasks}
     from prompttune.report import make_report
 

@@ -98,3 +98,16 @@ def test_zoo_needs_reads_backbones_and_named_backbone_configs_but_not_random_wei
     assert demo.zoo_needs(runs({"backbone": {"zoo_entry": "clip-tiny"},
                                 "method": {"tse_backbone": "zoo_clip_s2"}})) == ["clip-tiny", "clip-tiny-s2"]
     assert demo.zoo_needs(runs({"backbone": {"zoo_entry": "clip-tiny", "weights": "random"}})) == []
+
+
+def test_a_child_killed_by_a_signal_fails_the_demo():
+    """A section that died of SIGKILL (e.g. the OOM killer; Popen's returncode -9) is a failure,
+    reported as the shell would (137), not hidden by the successes beside it."""
+    def task(rc):
+        t = demo._Task("s", [], Path("x.log"))
+        t.rc = rc
+        return t
+
+    assert demo.exit_status([task(0), task(0)]) == 0
+    assert demo.exit_status([task(0), task(-9)]) == 137
+    assert demo.exit_status([task(1), task(3), task(None)]) == 3
