@@ -59,6 +59,10 @@ class Task(nn.Module):
             ids = index.detach().cpu().reshape(-1).tolist() if torch.is_tensor(index) else list(index)
             store["index"].extend(int(i) for i in ids[:n])
 
+    def item_scores(self, stage: str) -> dict[str, list[float]]:
+        """This rank's per-item scores of ``stage`` recorded so far (not forgotten; see :meth:`take_items`)."""
+        return self.__dict__.get("_item_store", {}).get(stage, {}).get("scores", {})
+
     def take_items(self, stage: str) -> dict[str, Any] | None:
         """The per-item scores recorded since the last call (None when the task records none), then forgets them."""
         store = self.__dict__.setdefault("_item_store", {}).pop(stage, None)

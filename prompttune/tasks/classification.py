@@ -38,8 +38,7 @@ class ClassificationTask(Task):
 
     def compute(self, stage):
         out = {"acc": float(self.acc[stage].compute())}
-        scores = self.__dict__.get("_item_store", {}).get(stage, {}).get("scores", {})
-        for name, vals in scores.items():  # the method's extra per-item scores, as means (this rank's items)
+        for name, vals in self.item_scores(stage).items():  # the method's extra per-item scores, as means (this rank's items)
             if name != "acc" and vals:
                 out[name] = sum(vals) / len(vals)
         return out
