@@ -137,3 +137,34 @@ def test_interleaved_batch_opens_each_caption_with_its_code_and_codes_follow_the
     for _ in range(20):
         ep = _episode(9, 3, [5, 6], list(range(20)), g, p_same=0.0)
         assert ep[-1] == 9 and len(ep) == 4 and any(i in (5, 6) for i in ep[:-1])
+
+
+def test_clip_pretraining_on_the_used_vocabulary_matches_the_full_table(tmp_path, monkeypatch):
+    """pretrain_clip trains only the token rows the captions use (compact_vocab); the model it
+    returns must be the one the full 49408-row table gives: every other weight bitwise, the
+    embedding to float rounding (rows never looked up only decay), and the full table restored."""
+    import open_clip
+
+    import prompttune.zoo.clip_tiny as ct
+
+    monkeypatch.setenv("PROMPTTUNE_HOME", str(tmp_path))
+    monkeypatch.setattr(ct, "clip_competence", lambda model: {})
+    cfg = dict(ct.TINY_CLIP, embed_dim=16,
+               vision_cfg=dict(ct.TINY_CLIP["vision_cfg"], layers=1, width=32, head_width=16),
+               text_cfg=dict(ct.TINY_CLIP["text_cfg"], layers=1, width=32, heads=2))
+    states = {}
+    for compact in (False, True):
+        torch.manual_seed(0)
+        model = open_clip.CLIP(**cfg)
+        init = model.token_embedding.weight.detach().clone()
+        ct.pretrain_clip(model, tmp_path / f"m{compact}", n=128, epochs=1, batch_size=64, p_template=0.5,
+                         compact_vocab=compact)
+        assert model.token_embedding.num_embeddings == 49408
+        states[compact] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    full, small = states[False], states[True]
+    for k in full:
+        if k != "token_embedding.weight":
+            assert torch.equal(full[k], small[k]), k
+    moved = (full["token_embedding.weight"] - init).abs().amax(1) > 1e-3   # the rows the captions use
+    assert 20 < int(moved.sum()) < 1000
+    torch.testing.assert_close(small["token_embedding.weight"], full["token_embedding.weight"], rtol=0, atol=1e-6)

@@ -68,10 +68,12 @@ CAPTION_TEMPLATES = (
 
 def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 12, batch_size: int = 128,
                   lr: float = 2e-3, seed: int = 0, p_subcategory: float = 0.8,
-                  p_template: float = 0.0) -> dict[str, Any]:
+                  p_template: float = 0.0, compact_vocab: bool = True) -> dict[str, Any]:
     """Contrastive (InfoNCE both ways) pretraining on synthetic-world image-caption pairs; with
     ``p_template`` > 0 a caption is wrapped in a random :data:`CAPTION_TEMPLATES` entry with that
-    probability each time it is drawn (captions identical after wrapping count as positives)."""
+    probability each time it is drawn (captions identical after wrapping count as positives).
+    ``compact_vocab`` trains only the token-embedding rows the captions use (same result for those
+    rows, the others decayed as AdamW would; tests/test_zoo.py checks it against the full table)."""
     import open_clip
     from tqdm.auto import tqdm
 
@@ -93,9 +95,22 @@ def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 1
     wrapped = torch.stack([texts] + [tok([t.format(c) for c in captions]) for t in CAPTION_TEMPLATES]) \
         if p_template > 0 else texts[None]
     g = torch.Generator().manual_seed(seed)
+    full_embedding = model.token_embedding
+    used = torch.unique(wrapped) if compact_vocab else torch.arange(full_embedding.num_embeddings)
+    # Only the world's few hundred token ids are ever looked up; training a 49408-row table made
+    # AdamW and the dense embedding gradient ~1/6 of each step. The rows in use train as they
+    # would in the full table (AdamW is elementwise); the others would only have decayed, which is
+    # applied at the end. The id map is monotone, so the EOT token keeps the largest id (argmax pooling).
+    compact = nn.Embedding(len(used), full_embedding.embedding_dim)
+    compact.weight.data.copy_(full_embedding.weight.data[used])
+    remap = torch.zeros(full_embedding.num_embeddings, dtype=torch.long)
+    remap[used] = torch.arange(len(used))
+    wrapped, texts = remap[wrapped], remap[texts]
+    model.token_embedding = compact
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     steps = epochs * math.ceil(len(rows) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    unused_decay = 1.0
     model.train()
     bar = tqdm(total=steps, desc=f"zoo {Path(folder).parent.name}: contrastive pretraining", unit="step")
     loss_v = float("nan")
@@ -119,6 +134,7 @@ def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 1
                           + torch.sum(-soft * logits.T.log_softmax(1), 1).mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            unused_decay *= 1.0 - opt.param_groups[0]["lr"] * opt.param_groups[0]["weight_decay"]
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -127,6 +143,10 @@ def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 1
             bar.set_postfix(loss=f"{loss_v:.3f}")
             bar.update()
     bar.close()
+    with torch.no_grad():
+        full_embedding.weight.mul_(unused_decay)
+        full_embedding.weight[used] = compact.weight
+    model.token_embedding = full_embedding
     model.eval()
     return {"pairs": len(rows), "epochs": epochs, "steps": steps, "p_template": p_template,
             "final_loss": round(loss_v, 4), **clip_competence(model)}
