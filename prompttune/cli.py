@@ -294,7 +294,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not sys.stderr.isatty():  # a log file, not a terminal: a progress bar's line every 30 s, not every step
+    # a log file, not a terminal (the demo's children write to logs; tqdm reads this at import, so
+    # it is set before anything imports tqdm): a progress bar's line every 30 s, not every step
+    if not sys.stderr.isatty() or args.cmd == "demo":
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from prompttune.runs import quiet_lightning

@@ -33,7 +33,7 @@ for line in out.splitlines():
             seen.add((opt, v)); print(opt); print(v)
 PY
 )
-    if .venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match \
+    if .venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python --index-strategy unsafe-best-match \
         "${cfg[@]}" "$@"; then
       return 0
     fi

@@ -111,3 +111,66 @@ def test_a_child_killed_by_a_signal_fails_the_demo():
     assert demo.exit_status([task(0), task(0)]) == 0
     assert demo.exit_status([task(0), task(-9)]) == 137
     assert demo.exit_status([task(1), task(3), task(None)]) == 3
+
+
+def _fork_fn(tmp: Path, key: str, rc: int = 0, sleep: float = 0.0):
+    """A forked task body: prints a progress line and a bar, records its thread settings, returns rc."""
+    def fn():
+        import os
+
+        import torch
+        time.sleep(sleep)
+        print(f"[1/1] {key} completed", flush=True)
+        with open(tmp / f"{key}.json", "w") as fh:
+            json.dump({"omp": os.environ.get("OMP_NUM_THREADS"), "threads": torch.get_num_threads(),
+                       "pid": os.getpid()}, fh)
+        if rc == 99:
+            raise RuntimeError("boom in the child")
+        return rc
+    return fn
+
+
+def test_forked_tasks_log_return_their_codes_and_run_one_thread_each(tmp_path, capsys):
+    import os
+
+    tasks = [demo._Task("zoo:a", ["false"], tmp_path / "logs" / "a.log", fn=_fork_fn(tmp_path, "a", sleep=0.3)),
+             demo._Task("s1", ["false"], tmp_path / "logs" / "s1.log", ("zoo:a",), fn=_fork_fn(tmp_path, "s1", rc=4)),
+             demo._Task("s2", ["false"], tmp_path / "logs" / "s2.log", fn=_fork_fn(tmp_path, "s2", rc=99))]
+    assert demo.can_fork()
+    assert demo._Scheduler(tasks, jobs=2).run() == 0
+    assert {t.key: t.rc for t in tasks} == {"zoo:a": 0, "s1": 4, "s2": 1}  # fn's code, not cmd's ("false": 1)
+    for key in ("a", "s1", "s2"):
+        info = json.loads((tmp_path / f"{key}.json").read_text())
+        assert info["omp"] == "1" and info["threads"] == 1 and info["pid"] != os.getpid()
+    assert "[1/1] s1 completed" in (tmp_path / "logs" / "s1.log").read_text()
+    assert "RuntimeError: boom in the child" in (tmp_path / "logs" / "s2.log").read_text()  # traceback in its log
+    out = capsys.readouterr().out
+    assert "[s1] [1/1] s1 completed" in out and "s1: FAILED (exit code 4" in out
+    assert demo.exit_status(tasks) == 4
+
+
+def test_sigterm_reaches_a_forked_child_and_the_demo_exits_143(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import signal, sys, time
+        from pathlib import Path
+        from prompttune import demo
+        def fn():
+            signal.signal(signal.SIGTERM, lambda *a: (open({str(tmp_path / 'child_got')!r}, 'w').write('TERM'), sys.exit(143)))
+            print('[1/1] started', flush=True)
+            time.sleep(60)
+        t = demo._Task("s", ["false"], Path({str(tmp_path / 'logs' / 's.log')!r}), fn=fn)
+        rc = demo._Scheduler([t], jobs=1).run()
+        print("child rc", t.proc.returncode, flush=True)
+        sys.exit(rc)
+    """))
+    p = subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    log = tmp_path / "logs" / "s.log"
+    while time.time() < deadline and not (log.is_file() and "started" in log.read_text()):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 143, out
+    assert "child rc 143" in out
+    assert (tmp_path / "child_got").read_text() == "TERM"
