@@ -162,10 +162,12 @@ def _pct(metric: str) -> bool:
     return any(s in metric for s in ("acc", "recall", "R@", "miou", "iou"))
 
 
-def _fmt_ms(ms: tuple[float, float], pct: bool) -> str:
+def _fmt_ms(ms: tuple[float, float], pct: bool, seeds: int = 1) -> str:
     m, s = ms
     if math.isnan(m):
         return "–"
+    if seeds > 1 and s == 0:  # a frozen method: seeds change nothing, "± 0.00" would hide its test-sampling noise
+        return f"{100 * m:.2f} (seed-free)" if pct else f"{m:.4f} (seed-free)"
     return f"{100 * m:.2f} ± {100 * s:.2f}" if pct else f"{m:.4f} ± {s:.4f}"
 
 
@@ -184,7 +186,7 @@ def markdown_table(keys: list[str], metrics: list[str], rows: list[dict]) -> str
     for r in rows:
         dup = f" ⚠ duplicate seed {', '.join(map(str, r['duplicate_seeds']))}" if r.get("duplicate_seeds") else ""
         cells = [str(r.get(k, "")) for k in keys] + [r.get("select", "last"), f"{r['seeds']}{dup}"]
-        cells += [_fmt_ms(r[m], _pct(m)) for m in metrics]
+        cells += [_fmt_ms(r[m], _pct(m), int(r['seeds'])) for m in metrics]
         cells += [_fmt_cost(c, r[c]) for c, _ in COST_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -292,8 +294,10 @@ def make_report(runs_dir: str | Path, metric: str | None = None, x: str | None =
             x = settings["x"]
     metric = metric or (metrics[0] if metrics else None)
     md = [f"# Report: {runs_dir}", "", f"{len(done)} completed runs, {len(rows)} settings; "
-          "metrics are mean ± std over seeds (sample std); rows group runs whose resolved configs differ only "
-          "in the seed; `select` is the reporting protocol (last epoch, best val epoch, or best test epoch).", ""]
+          "metrics are mean ± std over seeds (sample std; \"seed-free\" where every seed gives the same value, "
+          "as a frozen method does: its test-sampling interval is in the CI table); rows group runs whose "
+          "resolved configs differ only in the seed; `select` is the reporting protocol (last epoch, best val "
+          "epoch, or best test epoch).", ""]
     md.append(markdown_table(keys, metrics, rows) if rows else "_no completed runs_")
     dups = [r for r in rows if r.get("duplicate_seeds")]
     if dups:

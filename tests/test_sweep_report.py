@@ -136,3 +136,16 @@ def test_report_metric_typo_lists_metrics_and_no_stale_plot(tmp_path, capsys):
     (tmp_path / "a" / "result.json").write_text(json.dumps(rec))
     out = make_report(tmp_path)
     assert not (tmp_path / "report.png").exists() and "removed the old report.png" in out["markdown"]
+
+
+def test_a_frozen_row_reads_seed_free_not_plus_minus_zero(tmp_path):
+    """Issue 16: "± 0.00" on a frozen method hid its test-sampling noise; a row whose seeds all
+    give the same value says so, and a row whose seeds differ keeps its sample std."""
+    _run_with_config(tmp_path / "a", 0, 0.5, shots=1)
+    _run_with_config(tmp_path / "b", 1, 0.5, shots=1)
+    _run_with_config(tmp_path / "c", 0, 0.5, shots=4)
+    _run_with_config(tmp_path / "d", 1, 0.7, shots=4)
+    md = make_report(tmp_path)["markdown"]
+    assert "| coop | 1 | last | 2 | 50.00 (seed-free) |" in md
+    assert "| coop | 4 | last | 2 | 60.00 ± 14.14 |" in md
+    assert "± 0.00" not in md
