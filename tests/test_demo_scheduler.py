@@ -9,6 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from prompttune import demo
 
 PY = sys.executable
@@ -63,18 +65,24 @@ def test_a_failed_build_skips_the_sections_that_need_it_but_not_the_others(tmp_p
     assert "zoo:bad: FAILED (exit code 3" in out and "needs_bad: not run, it needs zoo:bad" in out
 
 
-def test_sigterm_reaches_the_children_and_the_demo_exits_143(tmp_path):
+@pytest.mark.parametrize("forked", [False, True])
+def test_sigterm_reaches_the_children_and_the_demo_exits_143(tmp_path, forked):
+    """The same child body as a fresh interpreter (``cmd``) and as a forked call (``fn``)."""
+    body = (f"signal.signal(signal.SIGTERM, lambda *a: (open({str(tmp_path / 'child_got')!r}, 'w').write('TERM'), "
+            "sys.exit(143)))\nprint('[1/1] started', flush=True)\ntime.sleep(60)\n")
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
+        import signal, sys, time
         from pathlib import Path
         from prompttune import demo
-        code = ("import signal, sys, time\\n"
-                "signal.signal(signal.SIGTERM, lambda *a: (open({str(tmp_path / 'child_got')!r}, 'w').write('TERM'), sys.exit(143)))\\n"
-                "print('[1/1] started', flush=True)\\n"
-                "time.sleep(60)\\n")
-        t = demo._Task("s", [sys.executable, "-c", code], Path({str(tmp_path / 'logs' / 's.log')!r}))
-        sys.exit(demo._Scheduler([t], jobs=1).run())
+        body = {body!r}
+        def fn():
+            exec(body)
+        cmd = [sys.executable, "-c", "import signal, sys, time\\n" + body]
+        t = demo._Task("s", cmd, Path({str(tmp_path / 'logs' / 's.log')!r}), fn=fn if {forked} else None)
+        rc = demo._Scheduler([t], jobs=1).run()
+        print("child rc", t.proc.returncode, flush=True)
+        sys.exit(rc)
     """))
     p = subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
@@ -84,6 +92,7 @@ def test_sigterm_reaches_the_children_and_the_demo_exits_143(tmp_path):
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 143, out
+    assert "child rc 143" in out
     assert (tmp_path / "child_got").read_text() == "TERM"
 
 
@@ -148,29 +157,3 @@ def test_forked_tasks_log_return_their_codes_and_run_one_thread_each(tmp_path, c
     assert "[s1] [1/1] s1 completed" in out and "s1: FAILED (exit code 4" in out
     assert demo.exit_status(tasks) == 4
 
-
-def test_sigterm_reaches_a_forked_child_and_the_demo_exits_143(tmp_path):
-    script = tmp_path / "parent.py"
-    script.write_text(textwrap.dedent(f"""
-        import signal, sys, time
-        from pathlib import Path
-        from prompttune import demo
-        def fn():
-            signal.signal(signal.SIGTERM, lambda *a: (open({str(tmp_path / 'child_got')!r}, 'w').write('TERM'), sys.exit(143)))
-            print('[1/1] started', flush=True)
-            time.sleep(60)
-        t = demo._Task("s", ["false"], Path({str(tmp_path / 'logs' / 's.log')!r}), fn=fn)
-        rc = demo._Scheduler([t], jobs=1).run()
-        print("child rc", t.proc.returncode, flush=True)
-        sys.exit(rc)
-    """))
-    p = subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    log = tmp_path / "logs" / "s.log"
-    while time.time() < deadline and not (log.is_file() and "started" in log.read_text()):
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=60)
-    assert p.returncode == 143, out
-    assert "child rc 143" in out
-    assert (tmp_path / "child_got").read_text() == "TERM"
