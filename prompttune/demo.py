@@ -510,13 +510,10 @@ def run_demo(sections: list[str] | None = None, runs_dir: str = "runs/demo", see
     wall = time.perf_counter() - t_all
     status = exit_status(tasks)
     timings = {t.key: t.seconds for t in tasks}
-    from prompttune.report import make_report
-
     parts, verdicts = [], []
     for s in chosen:
-        out = make_report(root / s, allow_empty=True)
-        body = out["markdown"].split("\n", 2)[2] if out["markdown"].startswith("# ") else out["markdown"]
-        ver_md, results = section_verdicts(s, root / s)
+        out = section_summary(s, root / s)
+        body, ver_md, results = out["body"], out["verdicts_md"], out["claims"]
         verdicts += results
         parts.append(f"## {s}  ({timings[s]:.0f} s)\n\n{body}\n{ver_md}")
         if out["plot"]:
@@ -537,16 +534,43 @@ def run_demo(sections: list[str] | None = None, runs_dir: str = "runs/demo", see
     return status
 
 
+def section_summary(section: str, section_dir: Path, fresh: bool = False) -> dict[str, Any]:
+    """A section's report body (tables, plot), its rows and claims markdown and its claim results.
+    The section's child computes it once its runs are done (in parallel with the other sections)
+    and leaves it in ``summary.json``, next to the runs it was computed from; the demo reads it
+    there, or computes it when it is missing, unreadable or older than a run's record."""
+    from prompttune.report import make_report
+
+    path = section_dir / "summary.json"
+    newest = max((r.stat().st_mtime for r in section_dir.glob("*/result.json")), default=0.0)
+    if not fresh and path.is_file() and path.stat().st_mtime >= newest:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    out = make_report(section_dir, allow_empty=True)
+    body = out["markdown"].split("\n", 2)[2] if out["markdown"].startswith("# ") else out["markdown"]
+    ver_md, results = section_verdicts(section, section_dir)
+    summary = {"body": body, "plot": bool(out["plot"]), "verdicts_md": ver_md, "claims": results}
+    if section_dir.is_dir():
+        atomic_write_json(path, summary)
+    return summary
+
+
 def run_section(section: str, runs_dir: str, seeds: int | None = None) -> int:
-    """One section's sweep, in this process (the demo runs each section as a child process)."""
+    """One section's sweep, in this process (the demo runs each section as a child process), then
+    its report and claims (:func:`section_summary`) when every run completed."""
     from prompttune.sweep import SweepInterrupted, run_sweep
 
     available = globals()["sections"]()
     try:
-        return run_sweep(available[section], runs_dir=Path(runs_dir), seeds=seeds, report=False)
+        rc = run_sweep(available[section], runs_dir=Path(runs_dir), seeds=seeds, report=False)
     except SweepInterrupted as stop:
         print(f"prompttune demo [{section}]: {stop}; interrupted", flush=True)
         return stop.exit_code
+    if rc == 0:
+        section_summary(section, Path(runs_dir), fresh=True)
+    return rc
 
 
 def claims_as_dicts() -> list[dict[str, Any]]:

@@ -105,3 +105,29 @@ def test_claim_on_real_runs_pairs_their_test_items(tmp_path):
                                           ("test/i2t/R@1", 100), ("test/rsum", 1), ("test/cider", 1)])
 def test_metrics_in_0_1_are_shown_in_percent(metric, scale):
     assert demo.scale_of(metric) == scale
+
+
+def test_a_sections_summary_is_kept_beside_its_runs_and_redone_when_a_run_is_newer(tmp_path):
+    """The section's child leaves summary.json; the demo reads it, unless a run's record is newer
+    (a run finished later, e.g. by a resumed sweep) or the file is unreadable."""
+    import os
+
+    rng = np.random.default_rng(1)
+    sec = tmp_path / "icl"
+    base = rng.random(200)
+    _run(sec, "np", "no_prompt", 0, base, "miou")
+    _run(sec, "in0", "inmemo", 0, np.clip(base + 0.2, 0, 1), "miou")
+    first = demo.section_summary("icl", sec, fresh=True)
+    assert (sec / "summary.json").is_file()
+    claim = next(r for r in first["claims"] if "inmemo > no_prompt" in r["claim"])
+    assert claim["verdict"] == "holds" and "holds" in first["verdicts_md"]
+    (sec / "summary.json").write_text(json.dumps({**first, "verdicts_md": "from the file"}))
+    assert demo.section_summary("icl", sec)["verdicts_md"] == "from the file"  # read, not recomputed
+    _run(sec, "in1", "inmemo", 1, np.clip(base - 0.2, 0, 1), "miou")  # a later run changes the verdict
+    t = (sec / "summary.json").stat().st_mtime
+    os.utime(sec / "in1" / "result.json", (t + 5, t + 5))
+    again = demo.section_summary("icl", sec)
+    assert again["verdicts_md"] != "from the file"
+    assert next(r for r in again["claims"] if "inmemo > no_prompt" in r["claim"])["n_seeds"] == 2
+    (sec / "summary.json").write_text("{not json")
+    assert demo.section_summary("icl", sec)["claims"] == again["claims"]

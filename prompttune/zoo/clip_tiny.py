@@ -90,10 +90,14 @@ def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 1
     images = torch.stack([tf(read_image(p)) for p, _ in rows])
     tok = open_clip.SimpleTokenizer(context_length=model.context_length)
     captions = [c for _, c in rows]
-    texts = tok(captions)
-    # every (caption, template) pair tokenised once: [templates + 1, N, L], index 0 the bare caption
-    wrapped = torch.stack([texts] + [tok([t.format(c) for c in captions]) for t in CAPTION_TEMPLATES]) \
-        if p_template > 0 else texts[None]
+    # a few hundred distinct captions among thousands of pairs: each (caption, template) string is
+    # tokenised once, [templates + 1, N, L], index 0 the bare caption
+    distinct = sorted(set(captions))
+    pos = {c: i for i, c in enumerate(distinct)}
+    which_caption = torch.tensor([pos[c] for c in captions])
+    forms = ["{}", *CAPTION_TEMPLATES] if p_template > 0 else ["{}"]
+    wrapped = torch.stack([tok([t.format(c) for c in distinct])[which_caption] for t in forms])
+    texts = wrapped[0]
     g = torch.Generator().manual_seed(seed)
     full_embedding = model.token_embedding
     used = torch.unique(wrapped) if compact_vocab else torch.arange(full_embedding.num_embeddings)
