@@ -73,7 +73,7 @@ def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 1
     ``p_template`` > 0 a caption is wrapped in a random :data:`CAPTION_TEMPLATES` entry with that
     probability each time it is drawn (captions identical after wrapping count as positives).
     ``compact_vocab`` trains only the token-embedding rows the captions use (same result for those
-    rows, the others decayed as AdamW would; tests/test_zoo.py checks it against the full table)."""
+    rows, the others decayed as AdamW would; tests/test_zoo_probes.py checks it against the full table)."""
     import open_clip
     from tqdm.auto import tqdm
 
@@ -102,7 +102,7 @@ def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 1
     full_embedding = model.token_embedding
     used = torch.unique(wrapped) if compact_vocab else torch.arange(full_embedding.num_embeddings)
     # Only the world's few hundred token ids are ever looked up; training a 49408-row table made
-    # AdamW and the dense embedding gradient ~1/6 of each step. The rows in use train as they
+    # AdamW and the dense embedding gradient about a quarter of each step. The rows in use train as they
     # would in the full table (AdamW is elementwise); the others would only have decayed, which is
     # applied at the end. The id map is monotone, so the EOT token keeps the largest id (argmax pooling).
     compact = nn.Embedding(len(used), full_embedding.embedding_dim)
