@@ -35,7 +35,7 @@ for line in out.splitlines():
 PY
 )
     if .venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python --index-strategy unsafe-best-match \
-        "${cfg[@]}" "$@"; then
+        ${cfg[@]+"${cfg[@]}"} "$@"; then
       return 0
     fi
     echo "install: uv failed; installing with pip"
