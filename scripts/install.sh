@@ -12,8 +12,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
-# uv installs the same resolution much faster than pip (49 s for this whole script from a cold
-# cache on a 2-core machine, bytecode compiled, against ~3.5 min with pip), so it is used when it
+# uv installs the same resolution much faster than pip (about 50 s for this whole script from a
+# cold cache on a 2-core machine, bytecode compiled, against ~3.5 min with pip), so it is used when it
 # can be installed; pip's own configuration (index-url, extra-index-url, find-links, constraint;
 # pip.conf or PIP_* variables) is passed on to it, and any failure falls back to pip.
 # PROMPTTUNE_INSTALLER=pip forces pip.
