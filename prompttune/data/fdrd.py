@@ -389,8 +389,6 @@ def write_fdrd(root: Path, n_train: int = 16, n_val: int = 4, n_test: int = 20, 
 
     for cls in classes:
         sub, cat = cls.split(" ")
-        siblings = [f"{s} {cat}" for s in SUBCATEGORIES if s != sub]
-        others = [c for c in classes if not c.endswith(" " + cat)]
         for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
             for i in range(n):
                 obj = sample_object(rng, category=cat, subcategory=sub)
@@ -405,19 +403,13 @@ def write_fdrd(root: Path, n_train: int = 16, n_val: int = 4, n_test: int = 20, 
                         eval_item(split, twin, f"{fname}_{kind}", img)
                     continue
                 img, _ = render([obj], side, rng, background)
+                if split != "train":
+                    eval_item(split, obj, fname, img)
+                    continue
                 save_png(root / "images" / f"{fname}.png", img)
                 pos = obj.caption(with_subcategory=True, with_attributes=True)
-                key = f"{cls.replace(' ', '_')}_{len(files[split]) + 1}"
-                if split == "train":
-                    files[split][fname] = {"file_name": fname + ".png", "class_name": cls,
-                                           "file_path": "YOUR_IMAGE_PATH", "positive": pos, "negative": []}
-                    continue
-                extra = [others[j] for j in rng.permutation(len(others))]
-                swaps = (siblings + extra)[:n_negatives]
-                negs = [swap_class(pos, cls, s) for s in swaps]
-                files[split][key] = {"file_name": fname,
-                                     "file_path": f"/root/DATA/synth_fdrd/images/{fname}.png",
-                                     "positive": pos, "negative": negs}
+                files[split][fname] = {"file_name": fname + ".png", "class_name": cls,
+                                       "file_path": "YOUR_IMAGE_PATH", "positive": pos, "negative": []}
     for split in ("train", "val", "test"):
         (root / "FDRD" / split).mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / "FDRD" / split / f"synth_{split}.json", files[split])
