@@ -414,16 +414,14 @@ class _Scheduler:
                         continue
                     pending.remove(t)
                     t.log.parent.mkdir(parents=True, exist_ok=True)
-                    fh = open(t.log, "ab")
-                    t.pos = t.log.stat().st_size
+                    t.pos = t.log.stat().st_size if t.log.exists() else 0  # a rerun appends to its log
                     t.t0 = time.perf_counter()
                     if t.fn is not None and can_fork():
-                        fh.close()
-                        t.proc = _fork_child(t.fn, t.log, self._env())
+                        t.proc = _fork_child(t.fn, t.log, self._env())  # the child opens the log itself
                     else:
-                        t.proc = subprocess.Popen(t.cmd, stdout=fh, stderr=subprocess.STDOUT, env=self._env(),
-                                                  stdin=subprocess.DEVNULL)
-                        fh.close()
+                        with open(t.log, "ab") as fh:
+                            t.proc = subprocess.Popen(t.cmd, stdout=fh, stderr=subprocess.STDOUT, env=self._env(),
+                                                      stdin=subprocess.DEVNULL)
                     running.append(t)
                     print(f"== {t.key}: started (log: {t.log})", flush=True)
                 time.sleep(0.5)
@@ -542,8 +540,8 @@ def section_summary(section: str, section_dir: Path, fresh: bool = False) -> dic
     from prompttune.report import make_report
 
     path = section_dir / "summary.json"
-    newest = max((r.stat().st_mtime for r in section_dir.glob("*/result.json")), default=0.0)
-    if not fresh and path.is_file() and path.stat().st_mtime >= newest:
+    if not fresh and path.is_file() and path.stat().st_mtime >= max(
+            (r.stat().st_mtime for r in section_dir.glob("*/result.json")), default=0.0):
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
