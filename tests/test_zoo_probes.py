@@ -168,3 +168,30 @@ def test_clip_pretraining_on_the_used_vocabulary_matches_the_full_table(tmp_path
     moved = (full["token_embedding.weight"] - init).abs().amax(1) > 1e-3   # the rows the captions use
     assert 20 < int(moved.sum()) < 1000
     torch.testing.assert_close(small["token_embedding.weight"], full["token_embedding.weight"], rtol=0, atol=1e-6)
+
+
+def test_clip_pretraining_captions_name_attributes_at_the_recipes_share(tmp_path, monkeypatch):
+    """clip-tiny v4 names colour and size in 30 % of its pretraining captions (v3: 70 %): the share
+    reaches the caption writer, and each share has its own cache root, so a v3 cache is never
+    read as v4's."""
+    import prompttune.zoo.clip_tiny as ct
+    from prompttune.data.captions import read_caption_csv
+    from prompttune.data.world import SIZES
+
+    monkeypatch.setenv("PROMPTTUNE_HOME", str(tmp_path))
+    seen = {}
+
+    def stop(*a, **k):  # the captions are all this test needs: stop before any training
+        raise StopIteration
+
+    monkeypatch.setattr(ct, "clip_competence", lambda model: {})
+    monkeypatch.setattr(ct.torch.optim, "AdamW", stop)
+    for share in (0.3, 0.7):
+        with pytest.raises(StopIteration):
+            ct.pretrain_clip(ct.make_tiny_clip(), tmp_path / "m", n=400, epochs=1, p_attributes=share)
+        root = tmp_path / "data" / ("world-captions-400-s0" + ("" if share == 0.7 else "-a0.3"))
+        caps = [c for _, c in read_caption_csv(root / "captions.csv")]
+        seen[share] = sum(c.split()[1] in SIZES for c in caps) / len(caps)
+    assert abs(seen[0.3] - 0.3) < 0.07 and abs(seen[0.7] - 0.7) < 0.07, seen
+    entry = ct.zoo.get("clip-tiny")
+    assert entry.version == "4" and entry.pretrain.keywords["p_attributes"] == 0.3
