@@ -1,4 +1,5 @@
-"""Scratch MAE recipes for the zoo ViT (docs/zoo.md, vit-mae-tiny): pretrain with the JSON settings, print the ridge probe.
+"""Scratch MAE recipes for the zoo ViT (docs/zoo.md, vit-mae-tiny): pretrain with the JSON settings, print the ridge probe
+(on raw pixels, untrained, and every `probe_every` steps; `bg` / `probe_bg`: the pretraining / probe images' background).
 
     OMP_NUM_THREADS=1 python scripts/zoo_mae_probe.py '{"steps": 400, "batch": 128}'
 """
@@ -11,7 +12,8 @@ from prompttune.zoo._probe import ridge_probe_accuracy
 from prompttune.data.world import render, sample_object, CATEGORIES, SUBCATEGORIES
 
 cfg = dict(n_images=2048, side=32, patch=4, dim=96, depth=4, heads=3, dec_dim=64, dec_depth=1, dec_heads=4,
-           steps=300, batch=128, lr=2e-3, mask=0.75, wd=0.05, probe_every=100, seed=0, warm=0.1, bg="noise")
+           steps=300, batch=128, lr=2e-3, mask=0.75, wd=0.05, probe_every=100, seed=0, warm=0.1, bg="noise",
+           probe_bg="noise")
 cfg.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
 print(cfg, flush=True)
 torch.manual_seed(cfg["seed"])
@@ -31,8 +33,8 @@ def gen(n, seed, side, bg=None):
 t0 = time.time()
 side = cfg["side"]
 imgs, _ = gen(cfg["n_images"], 1000 + cfg["seed"], side)
-ptr_x, ptr_y = gen(384, 7321, side, "noise")
-pte_x, pte_y = gen(384, 7322, side, "noise")
+ptr_x, ptr_y = gen(384, 7321, side, cfg["probe_bg"])
+pte_x, pte_y = gen(384, 7322, side, cfg["probe_bg"])
 print(f"data {time.time()-t0:.1f}s", flush=True)
 from timm.models.vision_transformer import VisionTransformer
 model = VisionTransformer(img_size=side, patch_size=cfg["patch"], embed_dim=cfg["dim"], depth=cfg["depth"],
@@ -45,6 +47,7 @@ def probe():
     a = ridge_probe_accuracy(f(ptr_x), ptr_y, f(pte_x), pte_y)
     model.train(); return a
 
+print("raw pixels probe", ridge_probe_accuracy(ptr_x.flatten(1), ptr_y, pte_x.flatten(1), pte_y), flush=True)
 print("untrained probe", probe(), flush=True)
 with torch.no_grad():
     model.pos_embed.copy_(V.sincos_pos_embed(model.embed_dim, model.patch_embed.grid_size[0]))
