@@ -12,8 +12,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
-# uv installs the same resolution much faster than pip (against ~3.5 min with pip on a 2-core
-# machine), so it is used when it can be installed; pip's own configuration (index-url, extra-index-url, find-links, constraint;
+# uv installs the same resolution much faster than pip (about 32 s for this whole script from a
+# cold cache on a 2-core machine, against ~3.5 min with pip), so it is used when it can be
+# installed; pip's own configuration (index-url, extra-index-url, find-links, constraint;
 # pip.conf or PIP_* variables) is passed on to it, and any failure falls back to pip.
 # PROMPTTUNE_INSTALLER=pip forces pip.
 pip_install() {
@@ -58,7 +59,7 @@ site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 printf 'import sys; exec("try:\\n import prompttune._tvshim\\nexcept Exception:\\n pass")\n' > "$site/prompttune_tvshim.pth"
 # The check imports what `prompttune` commands and the demo's children import, with bytecode
 # writing on: each module it imports is compiled once, into __pycache__ beside it. Where
-# PYTHONDONTWRITEBYTECODE is set (as on this project's CI machines), every later process would
+# PYTHONDONTWRITEBYTECODE is set (as on this project's machines), every later process would
 # otherwise recompile them on import (`import lightning` 15 s instead of 7). Compiling the whole
 # venv instead (`uv pip install --compile-bytecode`) took 35 s on 2 cores; these imports take ~10 s.
 env -u PYTHONDONTWRITEBYTECODE .venv/bin/python - <<'PY'
