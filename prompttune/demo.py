@@ -198,7 +198,7 @@ def section_verdicts(section: str, section_dir: Path) -> tuple[str, list[dict[st
 # tasks first; unknown tasks count as 60 s.
 COST_HINT = {"zoo:clip-tiny": 250, "zoo:blip2-tiny": 170, "zoo:mae-vqgan-tiny": 174, "zoo:vit-mae-tiny": 74,
              "zoo:clip-tiny-s2": 51, "zoo:clip-tiny-p8": 65, "zoo:clip-tiny-s1": 51,
-             "clip": 85, "icl": 71, "vpt": 101, "tvp": 58, "retrieval": 105, "mmict": 45}
+             "clip": 85, "icl": 71, "vpt": 68, "tvp": 58, "retrieval": 105, "mmict": 100}
 _PROGRESS = ("[", "zoo:", "warning", "error", "Traceback", "prompttune")
 
 

@@ -244,7 +244,7 @@ def test_compose_time_checks(tmp_path):
         compose(None, ["method=mhub", "method.min_new_tokens=9", "method.max_new_tokens=8"])
 
 
-@pytest.mark.parametrize("sweep,n", [("ablation_mmict", 30), ("demo_mmict", 9)])
+@pytest.mark.parametrize("sweep,n", [("ablation_mmict", 30), ("demo_mmict", 15)])
 def test_shipped_sweeps_plan(sweep, n, tmp_path):
     from prompttune.sweep import plan
 
@@ -255,6 +255,9 @@ def test_shipped_sweeps_plan(sweep, n, tmp_path):
     if sweep == "demo_mmict":  # the studio world, similar demonstrations (docs/mmict.md)
         assert all(r["cfg"].data.synthetic.collections == "studio" for r in runs)
         assert all(r["cfg"].method.selection == "similar" for r in runs if r["cfg"].method.name != "ft_qformer")
+        # five seeds of the paper's 5 epochs for every method (mmict.yaml:55-68; docs/mmict.md, Results)
+        assert sorted({r["cfg"].seed for r in runs}) == [0, 1, 2, 3, 4]
+        assert {r["cfg"].method.optim.epochs for r in runs} == {5}
 
 
 def test_demo_padding_feeds_every_text_position_up_to_the_batch_longest(bb, dm):

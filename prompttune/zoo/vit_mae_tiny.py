@@ -105,6 +105,21 @@ def mae_loss(model: nn.Module, decoder: MAEDecoder, images: torch.Tensor, mask_r
     return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
 
 
+def world_images(n_per_class: int = 128, seed: int = 0, background: str = "noise") -> torch.Tensor:
+    """The zoo ViTs' unlabelled pretraining images: ``n_per_class`` world images of each of the 16
+    classes (on the noise background by default), normalised with the zoo's statistics, [N, 3, 32, 32]."""
+    from prompttune.config import cache_dir
+    from prompttune.data.base import ImageTransform, read_image
+    from prompttune.data.image_folder import ensure_synthetic, read_split_file
+
+    root = cache_dir() / "data" / (f"world-mae-{n_per_class}-s{seed}" + ("" if background == "noise" else f"-{background}"))
+    ensure_synthetic({"kind": "classification", "n_train": n_per_class, "n_val": 0, "n_test": 0, "side": 32,
+                      "seed": 1000 + seed, "background": background}, root)
+    rows = read_split_file(root / "split_prompttune_world.json")["train"]
+    tf = ImageTransform(32, ZOO_MEAN, ZOO_STD)
+    return torch.stack([tf(read_image(root / "images" / r[0])) for r in rows])
+
+
 def pretrain_mae(model: nn.Module, folder: Path, n_per_class: int = 128, epochs: int = 15, batch_size: int = 256,
                  lr: float = 2e-3, mask_ratio: float = 0.75, seed: int = 0) -> dict[str, Any]:
     """MAE pretraining of the zoo ViT on synthetic-world images (no labels are used).
@@ -114,16 +129,7 @@ def pretrain_mae(model: nn.Module, folder: Path, n_per_class: int = 128, epochs:
     """
     from tqdm.auto import tqdm
 
-    from prompttune.config import cache_dir
-    from prompttune.data.base import ImageTransform, read_image
-    from prompttune.data.image_folder import ensure_synthetic, read_split_file
-
-    root = cache_dir() / "data" / f"world-mae-{n_per_class}-s{seed}"
-    ensure_synthetic({"kind": "classification", "n_train": n_per_class, "n_val": 0, "n_test": 0, "side": 32,
-                      "seed": 1000 + seed, "background": "noise"}, root)
-    rows = read_split_file(root / "split_prompttune_world.json")["train"]
-    tf = ImageTransform(32, ZOO_MEAN, ZOO_STD)
-    images = torch.stack([tf(read_image(root / "images" / r[0])) for r in rows])
+    images = world_images(n_per_class, seed)
     with torch.no_grad():
         model.pos_embed.copy_(sincos_pos_embed(model.embed_dim, model.patch_embed.grid_size[0]))
     model.pos_embed.requires_grad_(False)
