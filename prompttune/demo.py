@@ -459,6 +459,26 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def zoo_sources(needed: list[str]) -> dict[str, tuple[str, ...]]:
+    """The zoo entries to have, in build order: ``needed`` and the entries each is built from
+    (``info["needs"]``, e.g. vit-clip-tiny from clip-tiny), each with those it must wait for."""
+    from prompttune import zoo
+
+    out: dict[str, tuple[str, ...]] = {}
+
+    def add(name: str) -> None:
+        if name in out:
+            return
+        src = tuple(zoo.get(name).info.get("needs", ()))
+        for m in src:
+            add(m)
+        out[name] = src
+
+    for n in needed:
+        add(n)
+    return out
+
+
 def run_demo(sections: list[str] | None = None, runs_dir: str = "runs/demo", seeds: int | None = None,
              jobs: int | None = None) -> int:
     """Every chosen section (default: all), its zoo entries built first, up to ``jobs`` child
@@ -481,13 +501,14 @@ def run_demo(sections: list[str] | None = None, runs_dir: str = "runs/demo", see
     for s in chosen:  # validate every section before any compute
         _, runs = plan(available[s], runs_dir=root / s, seeds=seeds)
         needs[s] = zoo_needs(runs)
-    entries = list(dict.fromkeys(n for s in chosen for n in needs[s]))
-    todo = [n for n in entries if not (zoo.get(n).built() and zoo.get(n).problem() is None)]
+    sources = zoo_sources([n for s in chosen for n in needs[s]])
+    todo = [n for n in sources if not (zoo.get(n).built() and zoo.get(n).problem() is None)]
     py = [sys.executable, "-m", "prompttune"]
     from prompttune.cli import main as cli_main
 
-    tasks = [_Task(f"zoo:{n}", [*py, "zoo", "build", n], root / "logs" / f"zoo-{n}.log",
-                   fn=partial(cli_main, ["zoo", "build", n])) for n in todo]
+    build = {n: ["zoo", "build", n] for n in todo}  # the same CLI call, in a fresh interpreter or a fork
+    tasks = [_Task(f"zoo:{n}", [*py, *build[n]], root / "logs" / f"zoo-{n}.log",
+                   tuple(f"zoo:{m}" for m in sources[n] if m in todo), fn=partial(cli_main, build[n])) for n in todo]
     for s in chosen:
         cmd = [sys.executable, "-m", "prompttune.demo", "--section", s, "--runs-dir", str(root / s)]
         if seeds is not None:

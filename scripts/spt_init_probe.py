@@ -1,6 +1,8 @@
 """Isolate SPT's mechanism on the zoo ViT: what the prompt initialisation alone does, before and after training.
 
-    OMP_NUM_THREADS=1 python scripts/spt_init_probe.py [EPOCHS=10] [LR=0.01]   (docs/visual_prompt_tuning.md)
+    OMP_NUM_THREADS=1 python scripts/spt_init_probe.py [EPOCHS=10] [LR=0.01] [BACKBONE=zoo_vit_mae]   (docs/visual_prompt_tuning.md)
+
+BACKBONE=zoo_vit_clip runs the same probe on the competent-ViT control (zoo vit-clip-tiny).
 """
 import json, math, sys, time
 import torch
@@ -13,9 +15,10 @@ from prompttune.zoo._probe import ridge_probe_accuracy
 seeds = [0, 1, 2]
 epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 lr = float(sys.argv[2]) if len(sys.argv) > 2 else 0.01
+backbone = sys.argv[3] if len(sys.argv) > 3 else "zoo_vit_mae"
 
 def setup(method, seed, extra=()):
-    cfg = compose(None, [f"method={method}", "backbone=zoo_vit_mae", "data=synth_fine_vit", "task=classification",
+    cfg = compose(None, [f"method={method}", f"backbone={backbone}", "data=synth_fine_vit", "task=classification",
                          f"seed={seed}", *extra])
     bb = build_backbone(cfg); bb.eval()
     dm = build_datamodule(cfg, bb); dm.setup("fit")

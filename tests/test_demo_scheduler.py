@@ -157,3 +157,12 @@ def test_forked_tasks_log_return_their_codes_and_run_one_thread_each(tmp_path, c
     assert "[s1] [1/1] s1 completed" in out and "s1: FAILED (exit code 4" in out
     assert demo.exit_status(tasks) == 4
 
+
+
+def test_an_entry_built_from_another_waits_for_it():
+    """vit-clip-tiny is converted from clip-tiny: the demo builds clip-tiny first, and the
+    conversion's task waits for it (a slot is never spent waiting on clip-tiny's lock)."""
+    plan = demo.zoo_sources(["vit-mae-tiny", "vit-clip-tiny", "clip-tiny"])
+    assert plan == {"vit-mae-tiny": (), "clip-tiny": (), "vit-clip-tiny": ("clip-tiny",)}
+    assert list(plan).index("clip-tiny") < list(plan).index("vit-clip-tiny")
+    assert demo.zoo_sources(["vit-clip-tiny"]) == {"clip-tiny": (), "vit-clip-tiny": ("clip-tiny",)}

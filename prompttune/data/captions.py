@@ -27,9 +27,12 @@ def read_caption_csv(path: str | Path, img_key: str = "filepath", caption_key: s
     return rows
 
 
+P_ATTRIBUTES = 0.7  # the caption writer's default share of captions naming colour and size
+
+
 @SYNTHETIC.register("captions")
 def write_captions(root: Path, n: int = 6000, side: int = 32, seed: int = 0, p_subcategory: float = 0.5,
-                   p_attributes: float = 0.7, backgrounds: tuple = ("plain", "gradient")) -> None:
+                   p_attributes: float = P_ATTRIBUTES, backgrounds: tuple = ("plain", "gradient")) -> None:
     """Pretraining pairs. Captions name the pattern (the fine-grained cue) only with probability
     ``p_subcategory``, so a model trained on them knows shapes well and patterns less well:
     room for prompt tuning on the fine-grained classes."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prompttune import zoo
+from prompttune.data.captions import P_ATTRIBUTES
 
 TINY_CLIP = dict(
     embed_dim=128,
@@ -68,7 +69,8 @@ CAPTION_TEMPLATES = (
 
 def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 12, batch_size: int = 128,
                   lr: float = 2e-3, seed: int = 0, p_subcategory: float = 0.8,
-                  p_template: float = 0.0, compact_vocab: bool = True, p_attributes: float = 0.7) -> dict[str, Any]:
+                  p_template: float = 0.0, compact_vocab: bool = True,
+                  p_attributes: float = P_ATTRIBUTES) -> dict[str, Any]:
     """Contrastive (InfoNCE both ways) pretraining on synthetic-world image-caption pairs; with
     ``p_template`` > 0 a caption is wrapped in a random :data:`CAPTION_TEMPLATES` entry with that
     probability each time it is drawn (captions identical after wrapping count as positives).
@@ -84,7 +86,7 @@ def pretrain_clip(model: nn.Module, folder: Path, n: int = 8000, epochs: int = 1
     from prompttune.data.captions import read_caption_csv
     from prompttune.data.image_folder import ensure_synthetic
 
-    tag = "" if p_attributes == 0.7 else f"-a{p_attributes:g}"
+    tag = "" if p_attributes == P_ATTRIBUTES else f"-a{p_attributes:g}"  # the writer's default keeps the old names
     root = cache_dir() / "data" / f"world-captions-{n}-s{seed}{tag}"
     ensure_synthetic({"kind": "captions", "n": n, "side": 32, "seed": seed, "p_subcategory": p_subcategory,
                       "p_attributes": p_attributes}, root)
