@@ -183,3 +183,29 @@ def test_cli_zoo_list_shows_each_entrys_bars_before_any_build(cli, tmp_path):
 def test_cli_zoo_build_of_an_unknown_entry_exits_2(cli, tmp_path):
     r = cli("zoo", "build", "clip-huge", env={"PROMPTTUNE_HOME": str(tmp_path)})
     assert r.returncode == 2 and "unknown zoo entry 'clip-huge'" in r.stderr and "clip-tiny" in r.stderr
+
+
+def _converted_pretrain(model: nn.Module, folder) -> dict:
+    """A toy entry built from another one (as vit-clip-tiny is from clip-tiny): copies its weights."""
+    src = zoo.load_model("toy-source")
+    model.load_state_dict(src.state_dict())
+    return {"score": 0.9, "sources": {"toy-source": zoo.read_meta("toy-source")["sha256"]}}
+
+
+def test_an_entry_built_from_another_is_stale_once_that_one_is_rebuilt(home, capsys):
+    _entry("toy-source")
+    if "toy-converted" not in zoo.ZOO._items:
+        zoo.register(zoo.ZooEntry(name="toy-converted", backbone="none", description="toy", make_model=_toy_model,
+                                  pretrain=_converted_pretrain, version="1", bars=(zoo.Bar("score", min=0.5),),
+                                  info={"needs": ("toy-source",)}))
+    zoo.build("toy-converted")  # builds toy-source first, through load_model
+    conv = zoo.get("toy-converted")
+    assert zoo.get("toy-source").built() and conv.problem() is None
+    meta = json.loads(zoo.get("toy-source").meta.read_text())
+    meta["sha256"] = "f" * 64  # the source rebuilt into other weights
+    zoo.get("toy-source").meta.write_text(json.dumps(meta))
+    why = conv.problem()
+    assert why and "toy-source" in why and "ffffffffffff" in why
+    zoo.ensure("toy-converted")  # set aside and rebuilt from the source as it is now
+    assert conv.problem() is None
+    assert "set aside" in capsys.readouterr().out

@@ -144,6 +144,10 @@ class ZooEntry:
                 fh.keys()
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             return f"weights.safetensors is unreadable ({type(err).__name__}: {err})"
+        for src, sha in (meta.get("sources") or {}).items():  # an entry converted from another one
+            now = read_meta(src).get("sha256") if src in ZOO.names() else None
+            if now and now != sha:
+                return f"it was built from {src} {sha[:12]}, whose build is now {now[:12]}"
         return None
 
 
