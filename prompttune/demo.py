@@ -461,7 +461,7 @@ def default_jobs() -> int:
 
 def zoo_sources(needed: list[str]) -> dict[str, tuple[str, ...]]:
     """The zoo entries to have, in build order: ``needed`` and the entries each is built from
-    (``info["needs"]``, e.g. vit-clip-tiny from clip-tiny), each with those it must wait for."""
+    (``ZooEntry.needs``, e.g. vit-clip-tiny from clip-tiny), each with those it must wait for."""
     from prompttune import zoo
 
     out: dict[str, tuple[str, ...]] = {}
@@ -469,7 +469,7 @@ def zoo_sources(needed: list[str]) -> dict[str, tuple[str, ...]]:
     def add(name: str) -> None:
         if name in out:
             return
-        src = tuple(zoo.get(name).info.get("needs", ()))
+        src = zoo.get(name).needs
         for m in src:
             add(m)
         out[name] = src

@@ -65,7 +65,7 @@ def test_conversion_maps_every_weight_once(pair):
 
 def test_entry_is_built_from_clip_tiny_and_must_reproduce_it():
     e = zoo.get("vit-clip-tiny")
-    assert e.backbone == "vit" and e.info["needs"] == ("clip-tiny",)
+    assert e.backbone == "vit" and e.needs == ("clip-tiny",)
     assert {b.key for b in e.bars} == {"parity_max_abs", "linear_probe_acc"}
     parity = next(b for b in e.bars if b.key == "parity_max_abs")
     assert parity.check({"parity_max_abs": 1e-3}) and not parity.check({"parity_max_abs": 1e-6})

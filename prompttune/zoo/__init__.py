@@ -82,6 +82,9 @@ class ZooEntry:
     version: str = "1"
     bars: tuple[Bar, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)  # what a wrapper needs to load it (e.g. mean, std)
+    # entries this one is built from (e.g. vit-clip-tiny from clip-tiny): built first; their sha256 at
+    # build time is recorded in meta.json, and a rebuilt source makes this build stale
+    needs: tuple[str, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -144,9 +147,9 @@ class ZooEntry:
                 fh.keys()
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             return f"weights.safetensors is unreadable ({type(err).__name__}: {err})"
-        for src, sha in (meta.get("sources") or {}).items():  # an entry converted from another one
-            now = read_meta(src).get("sha256") if src in ZOO.names() else None
-            if now and now != sha:
+        for src in self.needs:
+            sha, now = (meta.get("sources") or {}).get(src), read_meta(src).get("sha256")
+            if sha and now and now != sha:
                 return f"it was built from {src} {sha[:12]}, whose build is now {now[:12]}"
         return None
 
@@ -250,6 +253,8 @@ def build(name: str, force: bool = False) -> Path:
                 "build_time_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
                 "bytes": entry.weights.stat().st_size, "sha256": _sha256(entry.weights),
                 "bars": {b.describe(): b.check(summary) is None for b in entry.bars}, **summary}
+        if entry.needs:
+            meta["sources"] = {n: read_meta(n).get("sha256") for n in entry.needs}
         atomic_write_json(entry.meta, meta)
         os.chmod(entry.meta, 0o644)
         (entry.folder / "failed_bars.json").unlink(missing_ok=True)
