@@ -29,17 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prompttune.backbones.vit import set_pooling
 from prompttune.zoo._probe import linear_probe
-from prompttune.zoo.vit_mae_tiny import TINY_VIT, ZOO_MEAN, ZOO_STD, sincos_pos_embed, world_images
-
-
-def make_tiny_vit() -> nn.Module:
-    from prompttune.backbones.vit import _timm
-
-    _timm()  # the torchvision shim first
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(**{**TINY_VIT, "global_pool": "token"})
+from prompttune.zoo.vit_mae_tiny import ZOO_MEAN, ZOO_STD, make_tiny_vit, sincos_pos_embed, world_images
 
 
 def _mlp(n_layers: int, d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -196,7 +188,9 @@ cfg = dict(steps=300, batch=128, lr=1e-3, wd=0.1, tau=0.2, m=0.99, probe_every=5
 cfg.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
 print(cfg, flush=True)
 
+torch.manual_seed(cfg["seed"])  # the ViT's initialisation too: the probe figures reproduce
 model = make_tiny_vit()
+set_pooling(model, "cls")  # the zoo ViT, pooled with CLS as MoCo v3's ViTs are
 t0 = time.time()
 
 

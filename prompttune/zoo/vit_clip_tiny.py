@@ -2,7 +2,7 @@
 whose frozen features are competent.
 
 SPT's claim is made on self-supervised ViTs (MAE, MoCo v3; PAPERS.md). At this scale neither gives
-features a prompt can use (``vit-mae-tiny``'s probe 0.141 against 0.117 untrained; MoCo v3 0.15-0.16;
+features a prompt can use (``vit-mae-tiny``'s probe 0.141 against 0.117 untrained; MoCo v3 0.193;
 docs/zoo.md), so SPT vs VPT on them says nothing about SPT. This entry is the control: the same
 methods on a ViT whose pooled features separate the classes (ridge probe 0.557), trained
 here with language supervision, not self-supervision -- a departure from the paper's backbones
