@@ -1,4 +1,4 @@
-"""``prompttune`` command line: list | fit | test | sweep | report | zoo | demo | bench | transfer."""
+"""``prompttune`` command line: list | fit | test | sweep | report | compare | zoo | demo | bench | transfer."""
 
 from __future__ import annotations
 
@@ -143,6 +143,13 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from prompttune.compare import compare, markdown
+
+    print(markdown(compare(args.runs_dir, args.a, args.b, metric=args.metric, b_runs_dir=args.b_runs_dir)))
+    return 0
+
+
 def _cmd_zoo(args) -> int:
     from prompttune import zoo
 
@@ -248,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metric", default=None, help="metric for the plot (default: the first test metric)")
     r.add_argument("--x", default=None, help="grid key for the plot's x axis (e.g. data.shots)")
 
+    c = sub.add_parser("compare", help="the paired difference A - B of two settings of finished runs, with its "
+                                       "95 % CI over seeds and test items")
+    c.add_argument("runs_dir")
+    c.add_argument("a", help="setting A as key=value[,key=value...] (a key may be the last part of a dotted tag)")
+    c.add_argument("b", help="setting B, the same way")
+    c.add_argument("--metric", default=None, help="test metric (default: A's first test/ metric)")
+    c.add_argument("--b-runs-dir", default=None, help="B's runs folder, when not RUNS_DIR")
+
     z = sub.add_parser("zoo", help="the offline zoo of small pretrained backbones")
     zs = z.add_subparsers(dest="zoo_cmd", required=True)
     zs.add_parser("list", help="zoo entries and whether they are built")
@@ -308,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from prompttune.registry import RegistryError
     from prompttune.zoo import ZooBuildError
 
-    handlers = {"list": _cmd_list, "fit": _cmd_fit, "test": _cmd_test, "sweep": _cmd_sweep, "report": _cmd_report,
+    handlers = {"list": _cmd_list, "fit": _cmd_fit, "test": _cmd_test, "sweep": _cmd_sweep, "report": _cmd_report, "compare": _cmd_compare,
                 "zoo": _cmd_zoo, "demo": _cmd_demo, "bench": _cmd_bench, "transfer": _cmd_transfer}
     try:
         return handlers[args.cmd](args)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prompttune import stats
+from prompttune.compare import matches, paired, records, scale_of, scores_by_seed, select
 from prompttune.config import ConfigError, repo_root
 from prompttune.utils import atomic_write_json, atomic_write_text
 
@@ -68,84 +69,39 @@ CLAIMS: tuple[Claim, ...] = (
           note="on the source model itself"),
 )
 
-# metrics in [0, 1] are shown in percent, as the papers do
-_PERCENT = ("acc", "miou", "vqa_acc", "transfer_acc")
-
-
-def scale_of(metric: str) -> float:
-    key = metric.removeprefix("test/")
-    return 100.0 if key.startswith(_PERCENT) or "R@" in key else 1.0
-
-
 def sections() -> dict[str, Path]:
     found = {p.stem.removeprefix("demo_"): p for p in sorted((repo_root() / "experiments").glob("demo_*.yaml"))}
     return dict(sorted(found.items(), key=lambda kv: (ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER), kv[0])))
 
 
 # ------------------------------------------------------------------ verdicts
-def _records(section_dir: Path) -> list[dict[str, Any]]:
-    from prompttune.report import collect
-
-    done, _ = collect(section_dir) if section_dir.is_dir() else ([], [])
-    return done
-
-
-def _matches(rec: dict[str, Any], want: dict[str, Any]) -> bool:
-    tags = rec.get("tags") or {}
-    have = {**tags, "method": tags.get("method", rec.get("method"))}
-    return all(str(have.get(k)) == str(v) for k, v in want.items())
-
-
-def _scores_by_seed(recs: list[dict[str, Any]], metric: str) -> dict[int, dict[str, Any]]:
-    out = {}
-    for r in sorted(recs, key=lambda r: r.get("seed", 0)):
-        items = stats.read_items(r["_dir"])
-        if items is None:
-            raise ValueError(f"{r['_dir']} has no test_items.json (rerun it: per-item scores are new)")
-        out[int(r.get("seed", 0))] = items
-    return out
-
-
-def _paired_rows(a: dict[int, dict], b: dict[int, dict], metric: str):
-    common = sorted(set(a) & set(b))
-    if len(b) == 1 and (len(a) > 1 or not common):  # a frozen baseline: pair its one run with every seed
-        return stats.aligned_scores([a[s] for s in sorted(a)] + list(b.values()), metric), len(a)
-    if not common:
-        raise ValueError(f"no common seeds to pair: {sorted(a)} vs {sorted(b)}")
-    m = stats.aligned_scores([a[s] for s in common] + [b[s] for s in common], metric)
-    return m, len(common)
-
-
 def check_claim(claim: Claim, section_dir: Path) -> dict[str, Any]:
-    recs = _records(section_dir)
+    """A claim against a section's runs: A and B must each name one setting
+    (:func:`prompttune.compare.select`), paired by seed and test item (:func:`prompttune.compare.paired`)."""
     row: dict[str, Any] = {"section": claim.section, "paper": claim.paper, "claim": claim.label,
                            "metric": claim.metric, "direction": claim.direction, "note": claim.note}
-    sel_a = [r for r in recs if _matches(r, {**claim.tags, **claim.a})]
-    sel_b = [r for r in recs if _matches(r, {**claim.tags, **claim.b})]
+    recs = records(section_dir)
+    sel_a = [r for r in recs if matches(r, {**claim.tags, **claim.a})]
+    sel_b = [r for r in recs if matches(r, {**claim.tags, **claim.b})]
     if not sel_a or not sel_b:
         return {**row, "verdict": "not run", "why": f"runs found: A {len(sel_a)}, B {len(sel_b)}"}
     try:
-        a, b = _scores_by_seed(sel_a, claim.metric), _scores_by_seed(sel_b, claim.metric)
-        m, na = _paired_rows(a, b, claim.metric)
-    except (ValueError, KeyError) as err:
+        sel_a, sel_b = select(sel_a, {**claim.tags, **claim.a}, "A"), select(sel_b, {**claim.tags, **claim.b}, "B")
+        return {**row, **paired(sel_a, sel_b, claim.metric, claim.direction)}
+    except (ConfigError, ValueError, KeyError) as err:
         return {**row, "verdict": "not measurable", "why": str(err)}
-    sa, sb = m[:na], m[na:]
-    d = stats.paired_difference(sa, sb if len(sb) == na else sb[:1])
-    scale = scale_of(claim.metric)
-    return {**row, "verdict": stats.verdict(claim.direction, d["ci"]), "scale": scale,
-            "a_mean": stats.mean_ci(sa), "b_mean": stats.mean_ci(sb), **d}
 
 
 def method_rows(section_dir: Path, metric: str) -> list[dict[str, Any]]:
     """Each grid point's mean with its 95 % interval over seeds and test items."""
     groups: dict[str, list[dict]] = {}
-    for r in _records(section_dir):
+    for r in records(section_dir):
         key = ", ".join(f"{k}={v}" for k, v in sorted((r.get("tags") or {"method": r["method"]}).items()))
         groups.setdefault(key, []).append(r)
     rows = []
     for key, recs in sorted(groups.items()):
         try:
-            by_seed = _scores_by_seed(recs, metric)
+            by_seed = scores_by_seed(recs)
             m = stats.mean_ci(stats.aligned_scores(list(by_seed.values()), metric))
         except (ValueError, KeyError) as err:
             rows.append({"setting": key, "why": str(err)})
