@@ -115,18 +115,18 @@ def _cmd_sweep(args) -> int:
     try:
         if args.point:
             return run_point(args.sweep, args.overrides, runs_dir=args.runs_dir, retry_failed=args.retry_failed,
-                             wandb=args.wandb)
+                             wandb=args.wandb, seeds=args.seeds)
         if args.launcher == "slurm":
             opts = {k: getattr(args, k) for k in ("partition", "gpus_per_task", "cpus_per_task", "mem_gb", "time",
                                                    "array_parallelism", "slurm_dir", "account", "setup")}
             submit_slurm(args.sweep, args.overrides, opts, runs_dir=args.runs_dir, retry_failed=args.retry_failed,
-                         wandb=args.wandb, cluster=args.slurm_cluster, dry_run=args.dry_run)
+                         wandb=args.wandb, cluster=args.slurm_cluster, dry_run=args.dry_run, seeds=args.seeds)
             return 0
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
         return run_sweep(args.sweep, dry_run=args.dry_run, wandb=args.wandb, extra=args.overrides,
                          report=not args.no_report, runs_dir=args.runs_dir, jobs=args.jobs,
-                         retry_failed=args.retry_failed)
+                         retry_failed=args.retry_failed, seeds=args.seeds)
     except SweepInterrupted as stop:
         print(f"prompttune sweep: {stop}; interrupted; run the same command again to resume", file=sys.stderr,
               flush=True)
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log every run to W&B and write W&B sweep configs for `wandb agent` (docs/scaling.md)")
     s.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     s.add_argument("--runs-dir", default=None, help="override the sweep's runs_dir")
+    s.add_argument("--seeds", type=int, default=None,
+                   help="seeds 0..N-1 instead of the file's sweep.seeds (the runs of seeds it already has are reused)")
     s.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each its own process: its own GPU(s), or cores/N CPU threads")
     s.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")

@@ -2,7 +2,7 @@
 
 A *setting* is a group of runs whose tags (their grid keys and values) are equal, one run per
 seed. ``A`` and ``B`` name one setting each by ``key=value`` filters (``method=inmemo,lr=40``: a key
-is a tag key or its last dotted part, a value matches as text or as a number); where several
+is a tag key or its last dotted part, a value matches as text, as YAML or as a number); where several
 settings include the filter, the only one with the fewest other tags is meant (the full method
 over its ablation variants, which add a key), else it is an error. ``seed=N`` on both sides
 compares one seed's runs. The two are paired
@@ -58,10 +58,20 @@ def _tags(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same_value(have: Any, want: Any) -> bool:
+    """A tag's value against a filter's text: as text, as YAML (``false``, ``null``, ``[zoo_clip]``)
+    or as a number (``40`` is ``40.0``, ``1e-12`` is ``1.0e-12``)."""
     if str(have) == str(want):
         return True
-    if isinstance(have, bool) or have is None:  # as YAML and the command line spell them
-        return str(want).lower() in ({True: ("true",), False: ("false",), None: ("null", "none")}[have])
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(str(want))
+    except yaml.YAMLError:
+        parsed = want
+    if isinstance(have, bool) or isinstance(parsed, bool) or have is None or parsed is None:
+        return have is parsed
+    if parsed == have:
+        return True
     try:
         return float(have) == float(want)
     except (TypeError, ValueError):

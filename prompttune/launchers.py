@@ -415,16 +415,17 @@ class SweepTask:
     Checkpointable: on preemption or time-out submitit requeues it, and the requeued task resumes
     the interrupted run from its ``last.ckpt`` (its claim died with the old task)."""
 
-    def __init__(self, path: str, extra: list[str], runs_dir: str, retry_failed: bool, wandb: bool):
+    def __init__(self, path: str, extra: list[str], runs_dir: str, retry_failed: bool, wandb: bool,
+                 seeds: int | None = None):
         self.path, self.extra, self.runs_dir = path, list(extra), runs_dir
-        self.retry_failed, self.wandb = retry_failed, wandb
+        self.retry_failed, self.wandb, self.seeds = retry_failed, wandb, seeds
 
     def __call__(self, task_index: int) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         from prompttune.runs import quiet_lightning
 
         quiet_lightning()
-        _, runs = plan(self.path, self.extra, runs_dir=self.runs_dir, wandb=self.wandb)
+        _, runs = plan(self.path, self.extra, runs_dir=self.runs_dir, seeds=self.seeds, wandb=self.wandb)
         done: dict[str, str] = {}
         with _SignalGuard(raise_now=False) as guard:  # submitit's own USR2 handler requeues
             for r in runs:
@@ -482,10 +483,10 @@ def sbatch_script(slurm_dir: str | Path, tasks: int, opts: dict) -> str:
 
 def submit_slurm(path: str | Path, extra: list[str], opts: dict, runs_dir: str | Path | None = None,
                  retry_failed: bool = False, wandb: bool = False, cluster: str | None = "slurm",
-                 dry_run: bool = False) -> list:
+                 dry_run: bool = False, seeds: int | None = None) -> list:
     """``--launcher slurm``: a SLURM job array through submitit; every task claims runs until none
     is left (so tasks = --array-parallelism, default: one per run still to do)."""
-    block, runs = plan(path, extra, runs_dir=runs_dir, wandb=wandb)  # validate every point before submitting
+    block, runs = plan(path, extra, runs_dir=runs_dir, seeds=seeds, wandb=wandb)  # validate every point first
     rdir = Path(block["runs_dir"]).resolve()
     states = {r["name"]: run_state(r["dir"], r["cfg"]) for r in runs}
     check_not_stale(runs, states)
@@ -509,10 +510,11 @@ def submit_slurm(path: str | Path, extra: list[str], opts: dict, runs_dir: str |
     if cluster == "local":  # the local executor knows no slurm_* keys
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
     ex.update_parameters(**params)
-    task = SweepTask(str(Path(block["_path"]).resolve()), list(extra), str(rdir), retry_failed, wandb)
+    task = SweepTask(str(Path(block["_path"]).resolve()), list(extra), str(rdir), retry_failed, wandb, seeds)
     jobs = ex.map_array(task, list(range(tasks)))
     print(f"submitted {len(jobs)} task(s) for {len(todo)} run(s): job {jobs[0].job_id.split('_')[0]}; logs in "
-          f"{slurm_dir}; `prompttune sweep {shlex.quote(str(path))} --dry-run` shows progress")
+          f"{slurm_dir}; `prompttune sweep {shlex.quote(str(path))}{f' --seeds {seeds}' if seeds else ''} --dry-run` "
+          "shows progress")
     return jobs
 
 

@@ -167,7 +167,10 @@ def plan(path: str | Path, extra: list[str] | tuple = (), runs_dir: str | Path |
     if runs_dir is not None:
         block["runs_dir"] = str(runs_dir)
     if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ConfigError(f"--seeds must be a whole number >= 1 (seeds 0..N-1), got {seeds!r}")
         block["seeds"] = list(range(seeds))
+        block["_seeds_arg"] = seeds  # W&B agents' commands pass it on (their --point must accept those seeds)
     runs_dir = Path(block["runs_dir"])
     runs = []
     for point in expand(block):
@@ -466,8 +469,9 @@ def wandb_sweep_specs(block: dict, runs_dir: Path, extra: Iterable[str] = ()) ->
             "parameters": params,
             # options before the positionals: argparse takes no option after the key=value list
             "command": ["${env}", "${interpreter}", "-m", "prompttune", "sweep", "--point", "--wandb", "--runs-dir",
-                        str(Path(runs_dir).resolve()), agent_sweep_ref(Path(block["_path"])), *extra,
-                        "${args_no_hyphens}"],
+                        str(Path(runs_dir).resolve()),
+                        *(["--seeds", str(block["_seeds_arg"])] if block.get("_seeds_arg") else []),
+                        agent_sweep_ref(Path(block["_path"])), *extra, "${args_no_hyphens}"],
         })
     return specs
 
@@ -512,14 +516,14 @@ def find_point(block: dict, runs: list[dict], overrides: list[str]) -> tuple[dic
 
 # --------------------------------------------------------------------------- entry points
 def run_point(path: str | Path, overrides: list[str], runs_dir: str | Path | None = None, retry_failed: bool = False,
-              wandb: bool = False) -> int:
+              wandb: bool = False, seeds: int | None = None) -> int:
     """``prompttune sweep SWEEP --point key=value ...``: run one grid point exactly as the sweep
     would (its run dir, claim, W&B group and tags). What W&B agents run.
     Exit code: 0 done (or completed before), 1 failed, ``EXIT_BUSY`` claimed elsewhere."""
-    block, runs = plan(path, [], runs_dir=runs_dir, wandb=wandb)
+    block, runs = plan(path, [], runs_dir=runs_dir, seeds=seeds, wandb=wandb)
     run, rest = find_point(block, runs, overrides)
     if rest:  # overrides for every run: compose this point again with them
-        _, runs = plan(path, rest, runs_dir=runs_dir, wandb=wandb)
+        _, runs = plan(path, rest, runs_dir=runs_dir, seeds=seeds, wandb=wandb)
         run = next(r for r in runs if r["name"] == run["name"])
     if run_state(run["dir"], run["cfg"]) == "stale":
         check_not_stale([run], {run["name"]: "stale"})

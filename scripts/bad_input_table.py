@@ -66,6 +66,8 @@ def cases(tmp: Path):
     a_file.write_text("x")
     empty_seeds = tmp / "sweep_noseeds.yaml"
     empty_seeds.write_text("method: coop\nsweep:\n  grid: {data.shots: [1]}\n  seeds: []\n")
+    ok_sweep = tmp / "sweep_ok.yaml"
+    ok_sweep.write_text("method: coop\nsweep:\n  grid: {data.shots: [1]}\n  seeds: [0]\n")
     bad_grid = tmp / "sweep_badkey.yaml"
     bad_grid.write_text("method: coop\nsweep:\n  grid: {method.n_ctxx: [4, 8]}\n  seeds: [0]\n")
     rd = lambda name: f"run_dir={tmp / name}"  # noqa: E731
@@ -96,11 +98,17 @@ def cases(tmp: Path):
         f.write_bytes(pickle.dumps({"state_dict": {}, "x": object()}))
         return cli("test", SMOKE, "method=coop", rd("r_evil"), "--checkpoint", str(f))
 
-    def report_typo():
+    def one_run():
+        if (tmp / "runs_r" / "zs" / "result.json").is_file():
+            return None
         ok = cli("fit", SMOKE, "method=zero_shot", f"run_dir={tmp / 'runs_r' / 'zs'}")
-        if ok.returncode != 0:
-            return ok
-        return cli("report", tmp / "runs_r", "--metric", "test/accc")
+        return ok if ok.returncode != 0 else None
+
+    def report_typo():
+        return one_run() or cli("report", tmp / "runs_r", "--metric", "test/accc")
+
+    def compare_missing():
+        return one_run() or cli("compare", tmp / "runs_r", "method=coop", "method=zero_shot")
 
     return [
         ("config file not UTF-8 (latin-1 `é`)", lambda: cli("fit", latin, rd("r"))),
@@ -126,7 +134,7 @@ def cases(tmp: Path):
          lambda: cli("fit", SMOKE, "method=coop", "method.optim.epochs=0", rd("r"))),
         ("`seed=-1`", lambda: cli("fit", SMOKE, "method=coop", "seed=-1", rd("r"))),
         ("`wandb.mode=onlin`", lambda: cli("fit", SMOKE, "method=coop", "wandb.mode=onlin", rd("r"))),
-        ("`data.root` is a file (an unpacked archive)", lambda: cli("fit", SMOKE, "method=coop", *data_args(archive), rd("r"))),
+        ("`data.root` is a file (an archive, not its folder)", lambda: cli("fit", SMOKE, "method=coop", *data_args(archive), rd("r"))),
         ("`data.root` is an empty folder", lambda: cli("fit", SMOKE, "method=coop", *data_args(tmp / "empty"), rd("r"))),
         ("a dataset with one class", one_class),
         ("`data.shots=100` with 2 images per class",
@@ -137,8 +145,11 @@ def cases(tmp: Path):
         ("a pickled (not weights-only) checkpoint", pickled_checkpoint),
         ("sweep with `seeds: []`", lambda: cli("sweep", empty_seeds, "--dry-run")),
         ("sweep grid over an unknown key", lambda: cli("sweep", bad_grid, "--dry-run")),
+        ("`sweep --seeds 0`", lambda: cli("sweep", ok_sweep, "--seeds", "0", "--dry-run")),
         ("`report --metric test/accc` (typo)", report_typo),
         ("`report` on a folder with no runs", lambda: cli("report", tmp / "empty")),
+        ("`compare` naming a setting with no runs", compare_missing),
+        ("`compare` with a malformed filter", lambda: cli("compare", tmp / "empty", "method", "method=coop")),
     ]
 
 

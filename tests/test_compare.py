@@ -78,6 +78,13 @@ def test_among_several_settings_the_one_with_the_fewest_other_tags_is_meant(tmp_
     assert r["a"] == "data.batch_size=4, method=dual_prompt" and r["diff"] == pytest.approx(0.5)
     r = compare.compare(tmp_path, "method=dual_prompt", "method=dual_prompt,caa=false", metric="miou")
     assert r["diff"] == pytest.approx(0.25)
+    _run(tmp_path, "tvp", 0, [1, 1, 1, 0], method="tvp", **{"method.transfer_targets": ["zoo_clip"],
+                                                          "method.tse_backbone": None})
+    r = compare.compare(tmp_path, "method=tvp,transfer_targets=[zoo_clip],tse_backbone=null",
+                        "method=coop_retrieval", metric="miou")
+    assert r["diff"] == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="no completed run"):  # a bool is not the text "0"
+        compare.compare(tmp_path, "method=dual_prompt,caa=0", "method=coop_retrieval", metric="miou")
 
 
 def test_a_demo_claim_that_would_merge_two_settings_is_not_measurable(tmp_path):

@@ -123,6 +123,31 @@ def test_union_sweep_gives_one_wandb_config_per_subgrid(tmp_path, sweep_file):
         find_point(block, runs, ["method=linear_probe", "seed=7"])
 
 
+def test_seeds_option_widens_the_seed_list_everywhere_a_point_is_named(tmp_path, sweep_file, capsys):
+    """`--seeds N` runs seeds 0..N-1 instead of the file's; the W&B agents' command passes it on, so
+    their `--point ... seed=2` is a point of the sweep, and without it that seed is refused."""
+    f = sweep_file(seeds="[0]")
+    block, runs = plan(f, runs_dir="/tmp/x", seeds=3)
+    assert len(runs) == 6 and sorted({r["point"]["seed"] for r in runs}) == [0, 1, 2]
+    (spec,) = wandb_sweep_specs(block, Path("/tmp/x"))
+    assert spec["parameters"]["seed"] == {"values": [0, 1, 2]}
+    cmd = spec["command"]
+    assert cmd[cmd.index("--seeds") + 1] == "3" and cmd.index("--seeds") < cmd.index(str(f))
+    run, _ = find_point(block, runs, ["method=linear_probe", "seed=2"])
+    assert run["name"].endswith("s2")
+    plain_block, plain_runs = plan(f, runs_dir="/tmp/x")
+    assert "--seeds" not in wandb_sweep_specs(plain_block, Path("/tmp/x"))[0]["command"]
+    with pytest.raises(ConfigError, match="is not a point of sweep"):
+        find_point(plain_block, plain_runs, ["method=linear_probe", "seed=2"])
+    from prompttune.cli import main
+
+    assert main(["sweep", str(f), "--seeds", "0", "--dry-run"]) == 2
+    assert "--seeds must be a whole number >= 1 (seeds 0..N-1), got 0" in capsys.readouterr().err
+    assert main(["sweep", str(f), "--seeds", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "method=linear_probe,s1" in out and "4 runs" in out
+
+
 def test_shipped_sweep_is_named_relative_to_the_repo():
     from prompttune.sweep import agent_sweep_ref, sweep_path
 
