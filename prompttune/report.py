@@ -225,8 +225,10 @@ def plot(path: Path, keys: list[str], metric: str, rows: list[dict], x: str | No
     if not rows:
         return False
     scale = 100 if _pct(metric) else 1
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if x and x in keys and all(isinstance(r.get(x), (int, float)) for r in rows):
+    curve = bool(x and x in keys and all(isinstance(r.get(x), (int, float)) for r in rows))
+    # one horizontal bar per row otherwise: long setting labels stay readable on their own lines
+    fig, ax = plt.subplots(figsize=(7, 4.2) if curve else (8, 1.2 + 0.32 * len(rows)), dpi=110)
+    if curve:
         others = [k for k in keys if k != x]
         series: dict[str, list] = {}
         for r in rows:
@@ -242,12 +244,13 @@ def plot(path: Path, keys: list[str], metric: str, rows: list[dict], x: str | No
         ax.legend(fontsize=8)
     else:
         labels = [series_label(r, keys) for r in rows]
-        ax.bar(range(len(rows)), [scale * r[metric][0] for r in rows], yerr=[scale * r[metric][1] for r in rows],
-               capsize=3, color="tab:blue")
-        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(metric + (" (%)" if scale == 100 else ""))
+        ax.barh(range(len(rows)), [scale * r[metric][0] for r in rows], xerr=[scale * r[metric][1] for r in rows],
+                capsize=3, color="tab:blue")
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.invert_yaxis()  # the table's order, top to bottom
+    (ax.set_ylabel if curve else ax.set_xlabel)(metric + (" (%)" if scale == 100 else ""))
     ax.grid(alpha=0.3)
-    ax.set_title(f"{metric}: mean ± std over seeds")
+    ax.set_title(f"{metric}: mean ± std over seeds", fontsize=10, loc="center" if curve else "right")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
