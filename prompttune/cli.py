@@ -325,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     from prompttune.registry import RegistryError
     from prompttune.zoo import ZooBuildError
 
-    handlers = {"list": _cmd_list, "fit": _cmd_fit, "test": _cmd_test, "sweep": _cmd_sweep, "report": _cmd_report, "compare": _cmd_compare,
-                "zoo": _cmd_zoo, "demo": _cmd_demo, "bench": _cmd_bench, "transfer": _cmd_transfer}
+    handlers = {"list": _cmd_list, "fit": _cmd_fit, "test": _cmd_test, "sweep": _cmd_sweep, "report": _cmd_report,
+                "compare": _cmd_compare, "zoo": _cmd_zoo, "demo": _cmd_demo, "bench": _cmd_bench,
+                "transfer": _cmd_transfer}
     try:
         return handlers[args.cmd](args)
     except (ConfigError, DataError, RegistryError, FileNotFoundError) as err:
